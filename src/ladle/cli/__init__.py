@@ -1,0 +1,1 @@
+"""The `ladle` command line; each command lives in its own module and registers on `app`."""
