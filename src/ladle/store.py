@@ -86,6 +86,8 @@ class CheckpointInfo:
     pinned: bool = False
     monitor: dict[str, str] | None = None
     kind: str = "train"
+    seq: int = 0
+    """Commit order within the run: the newest checkpoint has the largest seq."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -112,6 +114,7 @@ class CheckpointInfo:
             "pinned": self.pinned,
             "monitor": self.monitor,
             "kind": self.kind,
+            "seq": self.seq,
             "extra": self.extra,
             "ladle_version": self.extra.get("ladle_version", __version__),
         }
@@ -136,22 +139,21 @@ class CheckpointInfo:
             pinned=bool(meta.get("pinned", False)),
             monitor=dict(meta["monitor"]) if meta.get("monitor") else None,
             kind=str(meta.get("kind", "train")),
+            seq=int(meta.get("seq", 0)),
             extra=dict(meta.get("extra") or {}),
         )
 
 
-def _order(info: CheckpointInfo) -> tuple[int, float, str]:
-    return (info.step, info.time, info.name)
+def _order(info: CheckpointInfo) -> tuple[int, int, str]:
+    return (info.step, info.seq, info.name)
 
 
-def best_of(
-    checkpoints: Iterable[CheckpointInfo], metric: str, mode: Mode | str
-) -> CheckpointInfo | None:
+def best_of(checkpoints: Iterable[CheckpointInfo], metric: str, mode: Mode | str) -> CheckpointInfo | None:
     """The checkpoint with the best finite value of `metric`; the earliest wins a tie."""
     scored = [c for c in checkpoints if is_finite_number(c.metrics.get(metric))]
     if not scored:
         return None
-    return min(scored, key=lambda c: (sort_key(c.metrics[metric], mode), _order(c)))
+    return min(scored, key=lambda c: (sort_key(c.metrics[metric], mode), c.seq))
 
 
 def sha256_file(storage: Storage, path: str) -> str:
@@ -252,9 +254,12 @@ class Run:
             return None
         return info
 
-    def checkpoints(self) -> list[CheckpointInfo]:
-        """Committed checkpoints, oldest first (by step, then commit time)."""
-        return sorted(self._checkpoints.values(), key=_order)
+    def checkpoints(self, kind: str | None = None) -> list[CheckpointInfo]:
+        """Committed checkpoints (of one `kind` if given), by step, then commit order."""
+        found = self._checkpoints.values()
+        if kind is not None:
+            found = [c for c in found if c.kind == kind]
+        return sorted(found, key=_order)
 
     def __len__(self) -> int:
         return len(self._checkpoints)
@@ -262,15 +267,18 @@ class Run:
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self.checkpoints())
 
-    def latest(self) -> CheckpointInfo | None:
-        """The newest committed checkpoint, or None for an empty run."""
-        ordered = self.checkpoints()
-        return ordered[-1] if ordered else None
+    def latest(self, kind: str | None = None) -> CheckpointInfo | None:
+        """The most recently committed checkpoint (of one `kind` if given), or None."""
+        found = self.checkpoints(kind)
+        return max(found, key=lambda c: c.seq) if found else None
+
+    def next_seq(self) -> int:
+        return 1 + max((c.seq for c in self._checkpoints.values()), default=0)
 
     @property
     def monitor(self) -> dict[str, str] | None:
         """The monitored metric and mode recorded by the newest checkpoint that has one."""
-        for info in reversed(self.checkpoints()):
+        for info in sorted(self._checkpoints.values(), key=lambda c: -c.seq):
             if info.monitor:
                 return info.monitor
         return None
@@ -398,7 +406,7 @@ class Run:
         data = {
             "format": RUN_FORMAT,
             "ladle_version": __version__,
-            "latest": ordered[-1].name if ordered else None,
+            "latest": latest.name if (latest := self.latest()) else None,
             "best": best.name if best else None,
             "monitor": monitor,
             "checkpoints": [c.to_meta() for c in ordered],
@@ -484,6 +492,7 @@ class PendingCheckpoint:
                 pinned=pinned,
                 monitor=dict(monitor) if monitor else None,
                 kind=kind,
+                seq=self.run.next_seq(),
                 extra={"ladle_version": __version__, **dict(extra or {})},
             )
             meta_tmp = storage.join(self.tmp_path, META_NAME)

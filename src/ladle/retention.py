@@ -1,0 +1,137 @@
+"""Which checkpoints to keep: a union of small policies over minimal records.
+
+Each policy looks at `(name, step, seq, metrics)` records and names the ones it
+keeps; a checkpoint survives if any policy keeps it or it is protected (latest,
+best, resumed-from, pinned). With no policies at all, everything is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ladle.errors import ConfigError
+from ladle.metrics import Mode, is_finite_number, parse_mode, sort_key
+
+
+@dataclass(frozen=True)
+class Record:
+    """What retention may look at for one checkpoint."""
+
+    name: str
+    step: int
+    seq: int
+    metrics: Mapping[str, Any]
+    pinned: bool = False
+
+
+class Policy:
+    """Base class: the names of the records this policy keeps."""
+
+    def keep(self, records: Sequence[Record]) -> set[str]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeepLast(Policy):
+    """Keep the `n` most recently committed checkpoints."""
+
+    n: int
+    """How many of the newest to keep."""
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ConfigError(f"KeepLast.n must be >= 1, got {self.n}")
+
+    def keep(self, records: Sequence[Record]) -> set[str]:
+        newest = sorted(records, key=lambda r: r.seq)[-self.n :]
+        return {r.name for r in newest}
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeepBest(Policy):
+    """Keep the `k` checkpoints with the best finite value of `metric` (ties: earlier wins)."""
+
+    k: int
+    """How many of the best to keep."""
+    metric: str
+    """Metric name as recorded in meta.json."""
+    mode: Mode | str
+    """"min" or "max"; required, because guessing a direction loses models."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"KeepBest.k must be >= 1, got {self.k}")
+        object.__setattr__(self, "mode", parse_mode(self.mode, field="KeepBest.mode"))
+
+    def keep(self, records: Sequence[Record]) -> set[str]:
+        scored = [r for r in records if is_finite_number(r.metrics.get(self.metric))]
+        scored.sort(key=lambda r: (sort_key(r.metrics[self.metric], self.mode), r.seq))
+        return {r.name for r in scored[: self.k]}
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeepEvery(Policy):
+    """Keep every checkpoint whose step is a multiple of `steps`, forever."""
+
+    steps: int
+    """Step interval of permanent checkpoints."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"KeepEvery.steps must be >= 1, got {self.steps}")
+
+    def keep(self, records: Sequence[Record]) -> set[str]:
+        return {r.name for r in records if r.step % self.steps == 0}
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeepPinned(Policy):
+    """Keep checkpoints pinned by the user."""
+
+    def keep(self, records: Sequence[Record]) -> set[str]:
+        return {r.name for r in records if r.pinned}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Keep:
+    """Sugar over the policies: `Keep(last=3, best=5, metric="val_loss", mode="min", every=10000)`."""
+
+    last: int | None = None
+    """Keep the newest `last` checkpoints."""
+    best: int | None = None
+    """Keep the `best` best by `metric` (defaults to the manager's monitored metric)."""
+    metric: str | None = None
+    """Metric for `best`."""
+    mode: Mode | str | None = None
+    """Direction for `best`."""
+    every: int | None = None
+    """Keep checkpoints at steps that are multiples of `every`, forever."""
+
+    def policies(self, monitor: tuple[str, Mode] | None = None) -> list[Policy]:
+        """The policy objects this shorthand stands for."""
+        found: list[Policy] = []
+        if self.last is not None:
+            found.append(KeepLast(n=self.last))
+        if self.best is not None:
+            metric, mode = self.metric, self.mode
+            if metric is None and monitor is not None:
+                metric, mode = monitor[0], mode or monitor[1]
+            if metric is None or mode is None:
+                raise ConfigError("Keep(best=...) needs metric= and mode='min'|'max' (or a manager monitor=)")
+            found.append(KeepBest(k=self.best, metric=metric, mode=mode))
+        if self.every is not None:
+            found.append(KeepEvery(steps=self.every))
+        return found
+
+
+def to_delete(records: Sequence[Record], policies: Iterable[Policy], protected: Iterable[str]) -> list[str]:
+    """Names to delete: not kept by any policy (nor pinned), and not protected."""
+    policies = list(policies)
+    if not policies:
+        return []
+    kept = set(protected) | KeepPinned().keep(records)
+    for policy in policies:
+        kept |= policy.keep(records)
+    return [r.name for r in sorted(records, key=lambda r: r.seq) if r.name not in kept]
