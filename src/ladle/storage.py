@@ -58,7 +58,7 @@ class LocalStorage:
         os.makedirs(path, exist_ok=True)
 
     def open(self, path: str, mode: str) -> IO[bytes]:
-        return open(path, mode)  # noqa: SIM115 - the caller owns the handle
+        return open(path, mode)
 
     def size(self, path: str) -> int:
         return os.path.getsize(path)

@@ -7,11 +7,10 @@ import sys
 
 import typer
 
+# Command modules register themselves on `app` when imported.
+from ladle.cli import commands  # noqa: F401  (import for registration)
 from ladle.cli.app import app, err_console
 from ladle.errors import LadleError
-
-# Command modules register themselves on `app` when imported.
-from ladle.cli import commands  # noqa: E402,F401  (import for registration)
 
 
 def main(argv: list[str] | None = None) -> int:
