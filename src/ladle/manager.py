@@ -160,6 +160,8 @@ class CheckpointManager:
         self.resumed_from: str | None = None
         self.running_soup = running_soup
         self._last_saved: CheckpointInfo | None = None
+        self._metrics_step = 0
+        self._current_metrics: dict[str, Any] = {}
         self._clock = Clock()
         self._closed = False
         self._signal: int | None = None
@@ -288,8 +290,8 @@ class CheckpointManager:
         self._record("step", metrics)
         event = Event("step", self.global_step, self.epoch, dict(metrics or {}), self._clock.elapsed())
         fired = [t.fires(event) for t in self.triggers]
-        saved = self.save(metrics=metrics) if any(fired) else None
-        return self._after_event(saved, metrics)
+        saved = self.save() if any(fired) else None
+        return self._after_event(saved)
 
     def epoch_end(
         self, epoch: int, *, metrics: Mapping[str, Any] | None = None, step: int | None = None
@@ -308,14 +310,19 @@ class CheckpointManager:
             stopped_now = es.update(values[es.metric], epoch=self.epoch)
         event = Event("epoch", self.global_step, self.epoch, values, self._clock.elapsed())
         fired = [t.fires(event) for t in self.triggers]
-        saved = self.save(metrics=metrics) if any(fired) or stopped_now else None
+        saved = self.save() if any(fired) or stopped_now else None
         if stopped_now:
             log.info("early stopping: %s", es.reason if es else "")
             if es is not None and es.restore_best:
                 self.restore_best()
-        return self._after_event(saved, metrics)
+        return self._after_event(saved)
 
     def _record(self, kind: str, metrics: Mapping[str, Any] | None) -> None:
+        # Metrics reported at the current step accumulate, so a save() at this step
+        # records all of them (training loss from step(), validation from epoch_end()).
+        if self._metrics_step != self.global_step:
+            self._metrics_step, self._current_metrics = self.global_step, {}
+        self._current_metrics.update(metrics or {})
         if metrics:
             self.history.append(
                 {
@@ -327,12 +334,10 @@ class CheckpointManager:
                 }
             )
 
-    def _after_event(
-        self, saved: CheckpointInfo | None, metrics: Mapping[str, Any] | None
-    ) -> CheckpointInfo | None:
+    def _after_event(self, saved: CheckpointInfo | None) -> CheckpointInfo | None:
         if self._signal is not None:
             signum, self._signal = self._signal, None
-            saved = saved or self.save(metrics=metrics)
+            saved = saved or self.save()
             log.warning("saved %s after signal %d", saved.name, signum)
             if self._exit_after_signal_save:
                 self.close()
@@ -357,7 +362,8 @@ class CheckpointManager:
             self.global_step = int(step)
         if epoch is not None:
             self.epoch = int(epoch)
-        metrics = dict(metrics or {})
+        current = self._current_metrics if self._metrics_step == self.global_step else {}
+        metrics = {**current, **(metrics or {})}
         last = self._last_saved
         if (
             last is not None

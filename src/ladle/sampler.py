@@ -97,6 +97,10 @@ class ResumableDataLoader(DataLoader):  # type: ignore[type-arg]
             if kwargs.get(forbidden) is not None:
                 raise ConfigError(f"ResumableDataLoader makes its own {forbidden}; do not pass one")
         sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed)
+        # DataLoader draws a base seed for its workers at every iter(); from the global
+        # RNG that draw would differ between a resumed and an uninterrupted run, so it
+        # comes from a private generator re-seeded from (seed, epoch) at each pass.
+        kwargs.setdefault("generator", torch.Generator())
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
         self.resumable_sampler = sampler
         # The loader, not the sampler, owns the position: workers pull indices ahead of
@@ -118,6 +122,8 @@ class ResumableDataLoader(DataLoader):  # type: ignore[type-arg]
         sampler = self.resumable_sampler
         epoch = self._epoch
         sampler.epoch, sampler.offset = epoch, self._consumed * self._batch
+        if self.generator is not None:
+            self.generator.manual_seed(sampler.seed * 1_000_003 + epoch + 7919)
         for batch in super().__iter__():
             self._consumed += 1
             yield batch

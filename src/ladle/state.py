@@ -213,9 +213,11 @@ class SafetyCheck:
     )
 
     def problem(self, value: Any, path: str) -> str | None:
-        if isinstance(value, self.allowed):
+        # Exact types: subclasses (namedtuples, defaultdict, struct_time) need their class
+        # to be unpickled, which weights-only loading refuses.
+        if type(value) in self.allowed or isinstance(value, torch.Tensor):
             return None
-        if isinstance(value, dict):
+        if type(value) in (dict, collections.OrderedDict):
             for key, item in value.items():
                 if not isinstance(key, int | str | float | bool | type(None) | tuple):
                     return f"{path} has a key of type {type(key).__name__}"
@@ -223,7 +225,7 @@ class SafetyCheck:
                 if found:
                     return found
             return None
-        if isinstance(value, list | tuple | set | frozenset):
+        if type(value) in (list, tuple, set):
             for index, item in enumerate(value):
                 found = self.problem(item, f"{path}[{index}]")
                 if found:

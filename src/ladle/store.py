@@ -119,6 +119,10 @@ class CheckpointInfo:
             "ladle_version": self.extra.get("ladle_version", __version__),
         }
 
+    def meta_bytes(self) -> bytes:
+        """The exact bytes of this checkpoint's meta.json."""
+        return json.dumps(self.to_meta(), indent=1).encode()
+
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any], path: str) -> CheckpointInfo:
         """Parse a meta.json mapping; raises KeyError/TypeError/ValueError when malformed."""
@@ -200,8 +204,10 @@ class Run:
         """Re-read the index, rebuilding it from meta.json files if it is stale."""
         names = self._committed_names()
         index = self._read_index()
-        if index is not None and sorted(index) == sorted(names):
-            self._checkpoints = index
+        # The index is trusted only if it names the same checkpoints with meta.json files
+        # of the same sizes; anything else (a crash, a hand edit, corruption) rebuilds it.
+        if index is not None and {n: size for n, (_, size) in index.items()} == names:
+            self._checkpoints = {n: info for n, (info, _) in index.items()}
             return
         if index is not None:
             log.info("%s: index is stale, rebuilding it from meta.json files", self.path)
@@ -214,16 +220,19 @@ class Run:
         if self.writable:
             self._write_index()
 
-    def _committed_names(self) -> list[str]:
-        names = []
+    def _committed_names(self) -> dict[str, int]:
+        """Names of directories holding a meta.json, with that file's size."""
+        names = {}
         for name in self.storage.listdir(self.path):
             if name.startswith(".") or not _NAME_RE.match(name):
                 continue
-            if self.storage.isfile(self.storage.join(self.path, name, META_NAME)):
-                names.append(name)
+            try:
+                names[name] = self.storage.size(self.storage.join(self.path, name, META_NAME))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
         return names
 
-    def _read_index(self) -> dict[str, CheckpointInfo] | None:
+    def _read_index(self) -> dict[str, tuple[CheckpointInfo, int]] | None:
         index_path = self.storage.join(self.path, INDEX_NAME)
         if not self.storage.exists(index_path):
             return None
@@ -233,7 +242,10 @@ class Run:
             if data.get("format") != RUN_FORMAT:
                 return None
             return {
-                m["name"]: CheckpointInfo.from_meta(m, self.storage.join(self.path, m["name"]))
+                m["name"]: (
+                    CheckpointInfo.from_meta(m, self.storage.join(self.path, m["name"])),
+                    int(m["meta_size"]),
+                )
                 for m in data["checkpoints"]
             }
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -395,7 +407,7 @@ class Run:
         info = self.get(name)
         updated = _replace(info, pinned=pinned)
         with atomic_write(self.storage, self.storage.join(info.path, META_NAME)) as handle:
-            handle.write(json.dumps(updated.to_meta(), indent=1).encode())
+            handle.write(updated.meta_bytes())
         self._add(updated)
         return updated
 
@@ -409,7 +421,7 @@ class Run:
             "latest": latest.name if (latest := self.latest()) else None,
             "best": best.name if best else None,
             "monitor": monitor,
-            "checkpoints": [c.to_meta() for c in ordered],
+            "checkpoints": [{**c.to_meta(), "meta_size": len(c.meta_bytes())} for c in ordered],
         }
         with atomic_write(self.storage, self.storage.join(self.path, INDEX_NAME)) as handle:
             handle.write(json.dumps(data, indent=1).encode())
@@ -497,7 +509,7 @@ class PendingCheckpoint:
             )
             meta_tmp = storage.join(self.tmp_path, META_NAME)
             with storage.open(meta_tmp, "wb") as handle:
-                handle.write(json.dumps(info.to_meta(), indent=1).encode())
+                handle.write(info.meta_bytes())
             storage.fsync_file(meta_tmp)
             storage.fsync_dir(self.tmp_path)
             storage.rename(self.tmp_path, final_path)
