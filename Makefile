@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/ladle demo
+	$(PY) examples/interrupt_resume.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench examples
