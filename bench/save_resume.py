@@ -127,7 +127,7 @@ def main() -> None:
     try:
         for round_ in range(args.repeat):
             baseline = root / "baseline.pt"
-            rows["torch.save+fsync"].append(timed(lambda: torch_save_fsync(model, optimizer, baseline)))
+            rows["torch.save+fsync"].append(timed(lambda b=baseline: torch_save_fsync(model, optimizer, b)))
             baseline.unlink()
             run = root / f"run{round_}"
             with ladle.CheckpointManager(run, model=model, optimizer=optimizer) as manager:
@@ -135,7 +135,7 @@ def main() -> None:
                 size = manager.latest.size
             checkpoint = run / "step-000000001"
             raw_read(checkpoint)  # page cache warm for every reader alike
-            rows["raw read"].append(timed(lambda: raw_read(checkpoint)))
+            rows["raw read"].append(timed(lambda c=checkpoint: raw_read(c)))
             with ladle.CheckpointManager(run, model=model, optimizer=optimizer) as manager:
                 rows["ladle resume (verify)"].append(timed(lambda m=manager: m.resume()))
                 rows["ladle resume (no verify)"].append(timed(lambda m=manager: m.resume(verify=False)))

@@ -3,6 +3,7 @@
 ```
 LadleError
 ├── ConfigError(ValueError)          a setting or argument is invalid
+│   └── ModelFactoryError                      `--model module:factory` cannot build a model
 ├── RunError
 │   ├── RunNotFound(FileNotFoundError)         no run at that path
 │   ├── NotARunDirectory(NotADirectoryError)   the run path is a file or not a run
@@ -14,7 +15,12 @@ LadleError
 ├── FormatError(ValueError)                    a file ladle cannot read as asked
 │   └── UnsafeLoad                             reading it would execute code (needs trust=True)
 ├── IncompatibleMembers(ValueError)            checkpoints to average disagree
-└── ExportMismatch(RuntimeError)               an exported model disagrees with eager PyTorch
+│   └── NonFiniteValues                        a member holds NaN or inf
+├── OutputExists(FileExistsError)              an output is there already (pass force)
+├── EmptySelection(ValueError)                 a recipe selected no checkpoints
+├── ExportMismatch(RuntimeError)               an exported model disagrees with eager PyTorch
+├── ExportFailed(RuntimeError)                 the exporter (TorchScript/ONNX) failed on the model
+└── MissingDependency(ImportError)             an optional extra is not installed
 ```
 
 Every message is one line: what is wrong, where (file, key), and what to do.
@@ -78,3 +84,27 @@ class IncompatibleMembers(LadleError, ValueError):
 
 class ExportMismatch(LadleError, RuntimeError):
     """An exported model's output differs from eager PyTorch beyond the tolerance."""
+
+
+class NonFiniteValues(IncompatibleMembers):
+    """A member to be averaged holds NaN or inf in some tensor."""
+
+
+class OutputExists(LadleError, FileExistsError):
+    """The output path exists already; pass force=True (--force) to replace it."""
+
+
+class EmptySelection(LadleError, ValueError):
+    """A soup recipe (with its window) selected no checkpoints."""
+
+
+class ExportFailed(LadleError, RuntimeError):
+    """The exporter (TorchScript trace, ONNX) failed on the model, or the export cannot run."""
+
+
+class ModelFactoryError(ConfigError):
+    """A `module:factory` model spec cannot be imported, called, or does not build a model."""
+
+
+class MissingDependency(LadleError, ImportError):
+    """An optional extra (e.g. `ladle[onnx]`) is needed and not installed."""
