@@ -167,8 +167,12 @@ class CheckpointManager:
         self._signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._exit_after_signal_save = exit_after_signal_save
-        self.run = Run(run_dir, create=True)
-        self.run.acquire()
+        # In a torch.distributed job every rank builds a manager and resumes; only rank 0
+        # writes (the model is replicated under DDP), so the others take no lock.
+        self.is_writer = _rank() == 0
+        self.run = Run(run_dir, create=self.is_writer) if self.is_writer else _wait_for_run(run_dir)
+        if self.is_writer:
+            self.run.acquire()
         if save_on_signal:
             self._install_signal_handlers()
 
@@ -356,12 +360,19 @@ class CheckpointManager:
         *,
         pin: bool = False,
     ) -> CheckpointInfo:
-        """Save the complete state now, as a new checkpoint, then apply retention."""
+        """Save the complete state now, as a new checkpoint, then apply retention.
+
+        On ranks other than 0 of a distributed job nothing is written and the newest
+        checkpoint known to this process is returned.
+        """
         self._check_open()
         if step is not None:
             self.global_step = int(step)
         if epoch is not None:
             self.epoch = int(epoch)
+        if not self.is_writer:
+            self.run.refresh()
+            return self.run.latest(kind="train")  # type: ignore[return-value]
         current = self._current_metrics if self._metrics_step == self.global_step else {}
         metrics = {**current, **(metrics or {})}
         last = self._last_saved
@@ -465,6 +476,8 @@ class CheckpointManager:
     def pin(self, name: str, pinned: bool = True) -> CheckpointInfo:
         """Pin a checkpoint so retention never deletes it (or unpin it)."""
         self._check_open()
+        if not self.is_writer:
+            return self.run.get(name)
         return self.run.set_pinned(name, pinned)
 
     # -- the manager's own state ---------------------------------------------------------
@@ -759,6 +772,24 @@ class CheckpointManager:
     def preempted(self) -> bool:
         """True when a signal arrived and the final save is pending."""
         return self._signal is not None
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _wait_for_run(run_dir: str) -> Run:
+    """A read-only view of the run for non-writing ranks (rank 0 creates it)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return Run(run_dir)
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def _plain(value: Any) -> Any:
