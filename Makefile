@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) examples/interrupt_resume.py
+	$(VENV)/bin/ladle demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench examples

@@ -1,0 +1,190 @@
+"""`ladle soup RUN --recipe ...`: average a run's checkpoints chosen by a recipe."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ladle.average import IntPolicy
+from ladle.cli.app import app, console, print_json
+from ladle.cli.avg import progress_bar
+from ladle.errors import ConfigError
+from ladle.formats import OutputFormat
+from ladle.soup import SoupResult, load_callable, select, soup, weights_for
+
+EXAMPLE = (
+    "Examples:  ladle soup runs/exp1 -o soup.safetensors --recipe last:5   |   "
+    "ladle soup runs/exp1 -o s.safetensors --recipe improved:lrap,cmap,f1,auc:max --window epoch:13-50   |   "
+    "ladle soup runs/exp1 -o s.safetensors --recipe greedy:acc:max --eval myproj.eval:evaluate "
+    "--model myproj.model:build"
+)
+
+
+@app.command("soup", epilog=EXAMPLE)
+def soup_command(
+    run: Annotated[str, typer.Argument(metavar="RUN", help="The run folder.", show_default=False)],
+    recipe: Annotated[
+        str,
+        typer.Option(
+            "--recipe",
+            help="uniform, last:K, top:K:METRIC:min|max, improved:M1,M2:min|max[:over=previous], "
+            "greedy:METRIC:min|max, window:epoch:A-B.",
+        ),
+    ] = "uniform",
+    output: Annotated[
+        str | None, typer.Option("-o", "--output", help="Output file (.safetensors, or .pt).")
+    ] = None,
+    window: Annotated[
+        str | None, typer.Option("--window", help="Only checkpoints in epoch:A-B or step:A-B (inclusive).")
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights", help="uniform, 0.5,0.3,..., softmax:METRIC:min|max[:T], recency:HALF_LIFE."
+        ),
+    ] = None,
+    evaluate: Annotated[
+        str | None,
+        typer.Option("--eval", help="module:function scoring a model (or state dict) on held-out data."),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="module:factory building the model for --eval.")
+    ] = None,
+    rank: Annotated[
+        str,
+        typer.Option("--rank", help="Greedy order: 'evaluate' each candidate, or its 'recorded' metric."),
+    ] = "evaluate",
+    key: Annotated[
+        str | None, typer.Option("--key", help="Which weights of each checkpoint: 'ema' for EMA weights.")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Output dtype of float tensors.")] = None,
+    accumulate: Annotated[
+        str, typer.Option("--accumulate", help="Accumulator dtype: float32 or float64.")
+    ] = "float32",
+    int_policy: Annotated[
+        IntPolicy,
+        typer.Option("--int-policy", help="Integer/bool tensors: newest, first, floor-mean or error."),
+    ] = IntPolicy.NEWEST,
+    fmt: Annotated[OutputFormat | None, typer.Option("--format", help="Output format.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    into_run: Annotated[
+        bool, typer.Option("--into-run", help="Also commit the soup into the run as a new checkpoint.")
+    ] = False,
+    name: Annotated[str | None, typer.Option("--name", help="Name of the checkpoint for --into-run.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show the chosen checkpoints and weights; write nothing.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Average a run's checkpoints chosen by a recipe (a "checkpoint soup").
+
+    Recipes pick the members (the newest, the best by a metric, those that
+    improved, a greedy search on held-out data), --window narrows them by step
+    or epoch, --weights weighs them. The soup goes to -o OUT (atomically, with
+    its provenance), or into the run as a checkpoint with --into-run.
+    """
+    # ConfigError (a LadleError) gives the same one line and exit code 2 as fail().
+    if output is None and not into_run and not dry_run:
+        raise ConfigError("give -o OUT, --into-run, or --dry-run")
+    if (model is not None) and evaluate is None:
+        raise ConfigError("--model is only used with --eval")
+    if dry_run:
+        _dry_run(run, recipe, window, weights, key, as_json)
+        return
+    evaluate_fn = load_callable(evaluate, what="--eval") if evaluate else None
+    factory = load_callable(model, what="--model") if model else None
+    with progress_bar("soup") as advance:
+        result = soup(
+            run,
+            recipe,
+            output=output,
+            window=window,
+            weights=weights,
+            evaluate=evaluate_fn,
+            model=factory,
+            rank=rank,
+            key=key,
+            dtype=dtype,
+            accumulate=accumulate,
+            int_policy=int_policy,
+            format=fmt.value if fmt else None,
+            force=force,
+            into_run=into_run,
+            name=name,
+            progress=advance,
+        )
+    if as_json:
+        print_json(_summary(result))
+        return
+    if result.greedy:
+        _greedy_table(result)
+    _members_table(
+        result.recipe, [(m.name, m.step, m.epoch, m.metrics) for m in result.members], result.weights
+    )
+    where = [p for p in (result.path, result.checkpoint.path if result.checkpoint else None) if p]
+    console.print(
+        f"soup of {len(result.members)} checkpoints written to {' and '.join(where)}", highlight=False
+    )
+
+
+def _summary(result: SoupResult) -> dict[str, Any]:
+    return {
+        "output": result.path,
+        "checkpoint": result.checkpoint.name if result.checkpoint else None,
+        "score": result.score,
+        **result.provenance,
+    }
+
+
+def _dry_run(
+    run: str, recipe: str, window: str | None, weights: str | None, key: str | None, as_json: bool
+) -> None:
+    parsed, chosen = select(run, recipe, window=window, key=key)
+    weighting, normalized = weights_for(chosen, weights)
+    if as_json:
+        print_json(
+            {
+                "recipe": str(parsed),
+                "weighting": str(weighting),
+                "members": [
+                    {"name": c.name, "step": c.step, "epoch": c.epoch, "metrics": c.metrics, "weight": w}
+                    for c, w in zip(chosen, normalized, strict=True)
+                ],
+            }
+        )
+        return
+    _members_table(str(parsed), [(c.name, c.step, c.epoch, c.metrics) for c in chosen], normalized)
+
+
+def _members_table(
+    recipe: str, rows: list[tuple[str, int, int | None, dict[str, Any]]], weights: list[float]
+) -> None:
+    metric_names = sorted({k for _, _, _, metrics in rows for k in metrics})[:6]
+    table = Table(title=f"recipe {recipe}", title_justify="left")
+    for column in ("checkpoint", "step", "epoch", *metric_names, "weight"):
+        table.add_column(column, justify="left" if column == "checkpoint" else "right")
+    for (name, step, epoch, metrics), weight in zip(rows, weights, strict=True):
+        values = [
+            f"{metrics[m]:.6g}" if isinstance(metrics.get(m), float) else str(metrics.get(m, ""))
+            for m in metric_names
+        ]
+        table.add_row(name, str(step), "" if epoch is None else str(epoch), *values, f"{weight:.4g}")
+    console.print(table)
+
+
+def _greedy_table(result: SoupResult) -> None:
+    table = Table(title="greedy search (best candidates first)", title_justify="left")
+    for column in ("candidate", "step", "its score", "soup score", "joined", "soup size"):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for s in result.greedy:
+        table.add_row(
+            s.name,
+            str(s.step),
+            f"{s.score:.6g}",
+            f"{s.soup_score:.6g}",
+            "yes" if s.accepted else "no",
+            str(s.size),
+        )
+    console.print(table)

@@ -1,0 +1,229 @@
+"""`load_source`: open any supported checkpoint file or folder as a `TensorSource`.
+
+Files: `.safetensors`, a shard index (`*.safetensors.index.json`,
+`pytorch_model.bin.index.json`), torch pickles (`.pt .pth .bin .ckpt .pth.tar`).
+Folders: a ladle checkpoint (`meta.json` beside `model.safetensors`; `key="ema"`
+reads `ema.safetensors`, any other key `<key>.safetensors`), or a
+transformers-style model folder (`model.safetensors`, its sharded index,
+`pytorch_model.bin`, or its sharded index, in that order).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ladle.errors import CheckpointNotFound, CorruptCheckpoint, FormatError
+from ladle.formats.safetensors_io import (
+    SafetensorsSource,
+    ShardedSafetensorsSource,
+)
+from ladle.formats.source import (
+    PrefixStripped,
+    TensorInfo,
+    TensorSource,
+    normalize_prefixes,
+)
+from ladle.formats.torch_io import TorchSource, is_torch_file, torch_shards
+
+log = logging.getLogger("ladle")
+
+# transformers' file names, in the order transformers itself prefers them.
+HF_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def load_source(
+    path: str | os.PathLike[str],
+    *,
+    key: str | None = None,
+    strip_prefix: str | Sequence[str] | None = (),
+    trust: bool = False,
+) -> TensorSource:
+    """Open `path` for lazy, one-tensor-at-a-time reading.
+
+    `key` picks the state dict inside a torch pickle (nested with `.` or `/`),
+    the weights file of a ladle checkpoint (`"ema"` for its EMA weights), or the
+    tensors under `key.` in a safetensors file. `strip_prefix` removes leading
+    prefixes such as `module.` or `_orig_mod.` from every key ("auto" picks the
+    common ones). `trust=True` allows full unpickling of pickles that hold more
+    than tensors (that runs code from the file).
+    """
+    text = os.fspath(path)
+    if not os.path.exists(text):
+        raise CheckpointNotFound(f"{text}: no such file or directory")
+    if os.path.isdir(text):
+        source = _open_dir(text, key, trust)
+    else:
+        source = _open_file(text, key, trust)
+    prefixes = normalize_prefixes(strip_prefix)
+    if prefixes:
+        source = PrefixStripped(source, prefixes)
+    return source
+
+
+def _open_file(path: str, key: str | None, trust: bool) -> TensorSource:
+    lower = path.lower()
+    if lower.endswith(".index.json"):
+        if lower.endswith(".safetensors.index.json"):
+            return _subset(ShardedSafetensorsSource(path), key)
+        return TorchSource(path, key=key, trust=trust, shards=torch_shards(path))
+    if lower.endswith(".safetensors"):
+        return _subset(SafetensorsSource(path), key)
+    if is_torch_file(path):
+        return TorchSource(path, key=key, trust=trust)
+    # Unknown suffix: trust the bytes, not the name.
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if head[:2] == b"PK":
+        return TorchSource(path, key=key, trust=trust)
+    if len(head) == 9 and head[8:9] == b"{":
+        return _subset(SafetensorsSource(path), key)
+    raise FormatError(
+        f"{path}: unknown checkpoint format; expected .safetensors, .pt/.pth/.bin/.ckpt or a model folder"
+    )
+
+
+def _open_dir(path: str, key: str | None, trust: bool) -> TensorSource:
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return _open_ladle_checkpoint(path, key)
+    for name in HF_WEIGHT_FILES:
+        candidate = os.path.join(path, name)
+        if os.path.isfile(candidate):
+            source = _open_file(candidate, key, trust)
+            source.path = path
+            source.metadata.update(_trainer_state(path))
+            return source
+    raise FormatError(
+        f"{path}: a folder without model weights (looked for meta.json, "
+        f"{', '.join(HF_WEIGHT_FILES)}); pass the weight file itself"
+    )
+
+
+def _trainer_state(path: str) -> dict[str, Any]:
+    """The step of a transformers Trainer checkpoint folder, from trainer_state.json."""
+    state_file = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state_file):
+        return {}
+    try:
+        with open(state_file, "rb") as handle:
+            state = json.load(handle)
+        return {"global_step": int(state["global_step"]), "epoch": state.get("epoch")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _open_ladle_checkpoint(path: str, key: str | None) -> TensorSource:
+    meta_path = os.path.join(path, "meta.json")
+    try:
+        with open(meta_path, "rb") as handle:
+            meta = json.load(handle)
+        files = dict(meta.get("files") or {})
+    except (OSError, ValueError, AttributeError, TypeError):
+        raise CorruptCheckpoint(f"{meta_path}: unreadable meta.json; run `ladle verify`") from None
+    name = key or "model"
+    filename = f"{name}.safetensors"
+    weights = os.path.join(path, filename)
+    if filename not in files or not os.path.isfile(weights):
+        available = sorted(f[: -len(".safetensors")] for f in files if f.endswith(".safetensors"))
+        what = "EMA weights" if name == "ema" else f"weights {name!r}"
+        raise FormatError(
+            f"{path}: no {what} ({filename}); this checkpoint has: "
+            f"{', '.join(available) or 'no weight files'} (choose with key= / --key)"
+        )
+    record = files[filename]
+    size = os.path.getsize(weights)
+    if isinstance(record, dict) and record.get("size") is not None and size != int(record["size"]):
+        raise CorruptCheckpoint(
+            f"{weights}: {size} bytes but meta.json recorded {record['size']}; the file was "
+            "truncated or replaced (run `ladle verify`)"
+        )
+    source = SafetensorsSource(weights)
+    source.path = path
+    source.format = "ladle"
+    source.sha256 = record.get("sha256") if isinstance(record, dict) else None
+    source.metadata = {
+        **source.metadata,
+        "name": meta.get("name"),
+        "step": meta.get("step"),
+        "epoch": meta.get("epoch"),
+        "metrics": meta.get("metrics") or {},
+        "kind": meta.get("kind", "train"),
+    }
+    return source
+
+
+class _Subset(TensorSource):
+    """The tensors under `prefix.` of another source, with the prefix removed."""
+
+    def __init__(self, inner: TensorSource, prefix: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.path = inner.path
+        self.format = inner.format
+        self.metadata = inner.metadata
+        self.files = inner.files
+        self.sha256 = inner.sha256
+        dotted = prefix.replace("/", ".").rstrip(".") + "."
+        self._map = {k[len(dotted) :]: k for k in inner if k.startswith(dotted)}
+        if not self._map:
+            inner.close()
+            raise FormatError(f"{self.path}: no tensors under key {prefix!r}")
+        self._back = {v: k for k, v in self._map.items()}
+
+    def keys(self) -> list[str]:
+        return list(self._map)
+
+    def info(self, key: str) -> TensorInfo:
+        self._require(key)
+        return self.inner.info(self._map[key])
+
+    def tensor(self, key: str) -> torch.Tensor:
+        self._require(key)
+        return self.inner.tensor(self._map[key])
+
+    def read_into(self, key: str, scratch: torch.Tensor) -> torch.Tensor:
+        from ladle.formats.source import read_into
+
+        self._require(key)
+        return read_into(self.inner, self._map[key], scratch)
+
+    def read_block(self, key: str, start: int, count: int, scratch: torch.Tensor | None) -> torch.Tensor:
+        self._require(key)
+        return self.inner.read_block(self._map[key], start, count, scratch)
+
+    def release_block(self, key: str, start: int, count: int) -> None:
+        if key in self._map:
+            self.inner.release_block(self._map[key], start, count)
+
+    def release(self, key: str) -> None:
+        if key in self._map:
+            self.inner.release(self._map[key])
+
+    def ties(self) -> dict[str, str]:
+        return {
+            self._back[k]: self._back[v]
+            for k, v in self.inner.ties().items()
+            if k in self._back and v in self._back
+        }
+
+    @property
+    def step(self) -> int | None:
+        return self.inner.step
+
+    def close(self) -> None:
+        self.inner.close()
+        self.closed = True
+
+
+def _subset(source: TensorSource, key: str | None) -> TensorSource:
+    return source if key is None else _Subset(source, key)

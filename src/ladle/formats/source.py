@@ -1,0 +1,321 @@
+"""`TensorSource`: a lazily read set of named tensors, whatever file format holds them.
+
+Averaging never holds more than one source checkpoint in memory, so readers
+expose names, shapes and dtypes without reading data (`keys()`, `info()`), and
+hand out one tensor at a time (`tensor()`). Every reader of `ladle.formats`
+returns a subclass of `TensorSource`; `DictSource` wraps an in-memory state dict
+so Python callers can average tensors they already hold.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, NamedTuple
+
+import torch
+
+from ladle.errors import FormatError
+
+log = logging.getLogger("ladle")
+
+# Safetensors metadata entry listing tied names stored once: {alias: stored key}
+# (the run store writes model.safetensors the same way).
+ALIASES_KEY = "ladle.aliases"
+# Keys users most often need to drop: DataParallel/DDP wrappers, torch.compile, Lightning.
+COMMON_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+class TensorInfo(NamedTuple):
+    """Shape and dtype of one stored tensor (unpacks as `shape, dtype`)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return int(self.shape.numel())
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+class TensorSource(ABC):
+    """Named tensors read lazily from one checkpoint; a context manager.
+
+    Attributes: `path` (what was opened), `format` (a short name such as
+    "safetensors", "torch", "safetensors-sharded", "ladle"), `metadata` (text
+    and numbers stored beside the tensors), `files` (the files that back it, for
+    duplicate detection and hashing), `sha256` (the recorded checksum of the one
+    backing file when known without reading, e.g. from a ladle meta.json).
+    """
+
+    path: str
+    format: str
+
+    def __init__(self) -> None:
+        self.metadata: dict[str, Any] = {}
+        self.files: list[str] = []
+        self.sha256: str | None = None
+        self.closed = False
+
+    @abstractmethod
+    def keys(self) -> list[str]:
+        """Tensor names in storage order."""
+
+    @abstractmethod
+    def info(self, key: str) -> TensorInfo:
+        """Shape and dtype of `key`, without reading its data."""
+
+    @abstractmethod
+    def tensor(self, key: str) -> torch.Tensor:
+        """The tensor `key`, read now; treat it as read-only (it may map the file)."""
+
+    def ties(self) -> dict[str, str]:
+        """Aliases: `{key: canonical_key}` for tensors stored once under several names."""
+        return {}
+
+    def read_block(self, key: str, start: int, count: int, scratch: torch.Tensor | None) -> torch.Tensor:
+        """Elements [start, start + count) of `key`, flattened (C order).
+
+        Readers that copy from a file fill the flat uint8 `scratch` buffer when
+        it is large enough, so reading a large tensor in blocks needs no
+        allocation; others return a view. Treat the result as read-only and
+        finish with it before the next call.
+        """
+        return self.tensor(key).reshape(-1)[start : start + count]
+
+    def release_block(self, key: str, start: int, count: int) -> None:  # noqa: B027 - optional hook
+        """Hint that elements [start, start + count) of `key` will not be read again."""
+
+    def release(self, key: str) -> None:  # noqa: B027 - an optional hook, a no-op by default
+        """Hint that `key` will not be read again, so its mapped pages can be dropped."""
+
+    @property
+    def step(self) -> int | None:
+        """The training step recorded with the checkpoint, when the format keeps one."""
+        for name in ("step", "global_step", "num_updates", "iteration"):
+            value = self.metadata.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.isdigit():
+                return int(value)
+        return None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor, read now (ties restored as shared tensors)."""
+        ties = self.ties()
+        out: dict[str, torch.Tensor] = {}
+        for key in self.keys():
+            if key not in ties:
+                out[key] = self.tensor(key)
+        for key in self.keys():
+            if key in ties:
+                out[key] = out[ties[key]]
+        return {key: out[key] for key in self.keys()}
+
+    def _require(self, key: str) -> None:
+        if self.closed:
+            raise FormatError(f"{self.path}: the source is closed; open it again with load_source()")
+        if key not in self:
+            raise FormatError(f"{self.path}: no tensor {key!r}; it holds {len(self)} tensors")
+
+    def __contains__(self, key: object) -> bool:
+        return key in set(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def close(self) -> None:
+        """Release file handles and mappings; idempotent."""
+        self.closed = True
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, format={self.format!r})"
+
+
+class DictSource(TensorSource):
+    """An in-memory state dict seen as a source (ties detected from shared storage)."""
+
+    format = "dict"
+
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        path: str = "<state dict>",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.path = path
+        bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise FormatError(f"{path}: {bad[0]!r} is not a tensor; pass a mapping of tensors")
+        self._tensors = dict(tensors)
+        self._ties = find_ties(self._tensors)
+        self.metadata = dict(metadata or {})
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def info(self, key: str) -> TensorInfo:
+        self._require(key)
+        t = self._tensors[key]
+        return TensorInfo(t.shape, t.dtype)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        self._require(key)
+        # The engine works on the CPU; tensors on an accelerator are copied over.
+        return self._tensors[key].detach().cpu()
+
+    def ties(self) -> dict[str, str]:
+        return dict(self._ties)
+
+
+def find_ties(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Keys whose tensors are the very same memory (same storage, offset, shape, stride)."""
+    seen: dict[tuple[Any, ...], str] = {}
+    ties: dict[str, str] = {}
+    for key, t in tensors.items():
+        if t.device.type == "meta" or t.numel() == 0:
+            continue
+        ident = (
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            t.stride(),
+            t.dtype,
+        )
+        if ident in seen:
+            ties[key] = seen[ident]
+        else:
+            seen[ident] = key
+    return ties
+
+
+def normalize_prefixes(strip_prefix: str | Sequence[str] | None) -> tuple[str, ...]:
+    """`strip_prefix` as a tuple; "auto" means `module.` and `_orig_mod.` (and `model.`
+    when every key has it, as in Lightning checkpoints)."""
+    if strip_prefix is None:
+        return ()
+    if isinstance(strip_prefix, str):
+        strip_prefix = [strip_prefix]
+    out: list[str] = []
+    for p in strip_prefix:
+        for part in str(p).split(","):
+            part = part.strip()
+            if part:
+                out.append(part)
+    return tuple(out)
+
+
+def strip_key(key: str, prefixes: Iterable[str]) -> str:
+    """Remove any of `prefixes` from the start of `key`, repeatedly (`module._orig_mod.x` -> `x`)."""
+    prefixes = tuple(prefixes)
+    changed = True
+    while changed:
+        changed = False
+        for prefix in prefixes:
+            if key.startswith(prefix) and len(key) > len(prefix):
+                key = key[len(prefix) :]
+                changed = True
+    return key
+
+
+class PrefixStripped(TensorSource):
+    """A view of another source with key prefixes removed (`module.`, `_orig_mod.`, ...)."""
+
+    def __init__(self, inner: TensorSource, prefixes: Sequence[str]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.path = inner.path
+        self.format = inner.format
+        self.metadata = inner.metadata
+        self.files = inner.files
+        self.sha256 = inner.sha256
+        chosen = list(prefixes)
+        if "auto" in chosen:
+            chosen.remove("auto")
+            chosen += ["module.", "_orig_mod."]
+            inner_keys = inner.keys()
+            if inner_keys and all(k.startswith("model.") for k in inner_keys):
+                chosen.append("model.")
+        self.prefixes = tuple(dict.fromkeys(chosen))
+        self._map: dict[str, str] = {}
+        for key in inner:
+            new = strip_key(key, self.prefixes)
+            if new in self._map:
+                raise FormatError(
+                    f"{self.path}: stripping {', '.join(self.prefixes)} maps both "
+                    f"{self._map[new]!r} and {key!r} to {new!r}; strip fewer prefixes"
+                )
+            self._map[new] = key
+        self._back = {v: k for k, v in self._map.items()}
+
+    def keys(self) -> list[str]:
+        return list(self._map)
+
+    def info(self, key: str) -> TensorInfo:
+        self._require(key)
+        return self.inner.info(self._map[key])
+
+    def tensor(self, key: str) -> torch.Tensor:
+        self._require(key)
+        return self.inner.tensor(self._map[key])
+
+    def read_into(self, key: str, scratch: torch.Tensor) -> torch.Tensor:
+        self._require(key)
+        return read_into(self.inner, self._map[key], scratch)
+
+    def read_block(self, key: str, start: int, count: int, scratch: torch.Tensor | None) -> torch.Tensor:
+        self._require(key)
+        return self.inner.read_block(self._map[key], start, count, scratch)
+
+    def release_block(self, key: str, start: int, count: int) -> None:
+        if key in self._map:
+            self.inner.release_block(self._map[key], start, count)
+
+    def ties(self) -> dict[str, str]:
+        return {self._back[k]: self._back[v] for k, v in self.inner.ties().items()}
+
+    def release(self, key: str) -> None:
+        if key in self._map:
+            self.inner.release(self._map[key])
+
+    @property
+    def step(self) -> int | None:
+        return self.inner.step
+
+    def close(self) -> None:
+        self.inner.close()
+        self.closed = True
+
+
+def read_into(source: TensorSource, key: str, scratch: torch.Tensor) -> torch.Tensor:
+    """`source.tensor(key)`, read into the flat uint8 `scratch` buffer when the reader can.
+
+    Readers that copy from a file (safetensors) fill `scratch` to avoid a fresh
+    allocation (and its page faults) per tensor; readers that map the file hand
+    back the mapped tensor itself.
+    """
+    method = getattr(source, "read_into", None)
+    if method is not None:
+        return method(key, scratch)  # type: ignore[no-any-return]
+    return source.tensor(key)

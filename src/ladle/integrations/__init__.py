@@ -1,0 +1,1 @@
+"""Optional integrations with training frameworks and tools, imported lazily (one module each)."""

@@ -1,0 +1,581 @@
+"""Learning curves of a run, with its checkpoints, the best one and a soup's members marked.
+
+    ladle.report.plot_run("runs/exp1", "report.png", recipes=["top:5:val_loss:min"])
+
+The metrics come from the run itself: the manager writes the whole history
+(`history.json`) into every checkpoint, so the newest checkpoint's copy covers
+the run; a run without one is drawn from the metrics in each `meta.json`.
+
+One panel per metric: names that differ only by a split or variant token
+(`train_loss`, `val_loss`, `val_ema_loss`) share a panel, with one colour per
+variant in every panel. Values recorded per step are drawn thin, per epoch
+bold. The saved checkpoints are marked on the monitored variant (`val` when
+the run monitors `val_loss`), the best one with a star and a dotted line, and
+a strip under the panels shows which checkpoints each recipe (or soup file)
+takes.
+
+matplotlib is an optional extra (`pip install ladle[plot]`); it is imported
+only when a report is drawn, and drawn without pyplot's global state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ladle.errors import ConfigError, MissingDependency
+from ladle.metrics import is_finite_number
+from ladle.store import CheckpointInfo, Run
+
+log = logging.getLogger("ladle")
+
+HISTORY_FILE = "history.json"
+X_AXES = ("step", "epoch", "time")
+_VARIANT_TOKENS = ("train", "training", "val", "valid", "validation", "eval", "dev", "test", "ema")
+_SEPARATORS = re.compile(r"[_/.\-]")
+
+
+# -- reading the history -----------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, frozen=True)
+class Point:
+    """One recorded value."""
+
+    step: int
+    epoch: int | None
+    time: float
+    value: float
+    per_step: bool
+    """Recorded by `manager.step()` (True) or at an epoch end / save (False)."""
+
+
+def load_history(run: Run) -> list[dict[str, Any]]:
+    """The run's metrics history, oldest first: from the newest checkpoint's history.json.
+
+    Without one (runs written by other tools), each checkpoint's recorded
+    metrics stand in, as epoch-level records.
+    """
+    trains = run.checkpoints(kind="train")
+    newest = max(trains, key=lambda c: c.seq) if trains else None
+    if newest is not None and newest.has(HISTORY_FILE):
+        with run.storage.open(newest.file(HISTORY_FILE), "rb") as handle:
+            records = json.loads(handle.read())
+        if isinstance(records, list):
+            return [r for r in records if isinstance(r, dict) and isinstance(r.get("metrics"), dict)]
+        log.warning("%s: not a list of records; using the checkpoints' metrics", newest.file(HISTORY_FILE))
+    return [
+        {"kind": "epoch", "step": c.step, "epoch": c.epoch, "time": c.time, "metrics": dict(c.metrics)}
+        for c in trains
+    ]
+
+
+def series_of(history: Sequence[Mapping[str, Any]]) -> dict[str, list[Point]]:
+    """Every finite numeric value of every metric, by metric name, in step order."""
+    found: dict[str, list[Point]] = {}
+    for record in history:
+        per_step = record.get("kind") == "step"
+        for name, value in record["metrics"].items():
+            if not is_finite_number(value):
+                continue
+            found.setdefault(str(name), []).append(
+                Point(
+                    step=int(record.get("step") or 0),
+                    epoch=record.get("epoch"),
+                    time=float(record.get("time") or 0.0),
+                    value=float(value),
+                    per_step=per_step,
+                )
+            )
+    for points in found.values():
+        points.sort(key=lambda p: (p.step, p.time))
+    return found
+
+
+def split_name(metric: str) -> tuple[str, str]:
+    """(panel, variant): `val_ema_nll` -> ("nll", "val_ema"); `loss` -> ("loss", "")."""
+    tokens = [t for t in _SEPARATORS.split(metric) if t]
+    variant = [t for t in tokens if t.lower() in _VARIANT_TOKENS]
+    rest = [t for t in tokens if t.lower() not in _VARIANT_TOKENS]
+    if not rest:  # a metric named only "val" or "train": keep it whole
+        return metric, ""
+    return "_".join(rest), "_".join(variant)
+
+
+# -- what to mark ------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, frozen=True)
+class Marked:
+    """A recipe (or soup file) and the checkpoints it takes."""
+
+    label: str
+    members: list[CheckpointInfo]
+
+
+def recipe_members(run: Run, spec: str) -> Marked:
+    """The members of a recipe string, or of a soup file (read from its provenance)."""
+    if os.path.isfile(spec):
+        return _soup_file_members(run, spec)
+    from ladle.recipes import parse_recipe
+    from ladle.soup import select
+
+    recipe = parse_recipe(spec)
+    if recipe.select.needs_evaluate:
+        raise ConfigError(
+            f"recipe {recipe} needs an evaluation to choose its members; pass the soup file it wrote "
+            "instead (its provenance lists the members)"
+        )
+    parsed, chosen = select(run, recipe)
+    return Marked(label=str(parsed), members=chosen)
+
+
+def _soup_file_members(run: Run, path: str) -> Marked:
+    from ladle.average import read_provenance
+
+    try:
+        record = read_provenance(path)
+    except Exception as exc:  # not a safetensors file, unreadable header...
+        raise ConfigError(
+            f"{path}: cannot read its provenance ({exc}); pass a recipe or a soup file"
+        ) from None
+    if not record or not isinstance(record.get("members"), list):
+        raise ConfigError(f"{path}: holds no soup provenance; pass a recipe or a soup file written by ladle")
+    names = [m.get("name") for m in record["members"]]
+    known = {c.name: c for c in run.checkpoints()}
+    # A member is this run's checkpoint when the name exists here and, where the soup
+    # recorded a checksum, one of the checkpoint's files has it (another run reuses names).
+    missing = [
+        str(m.get("name"))
+        for m in record["members"]
+        if m.get("name") not in known
+        or (m.get("sha256") and m["sha256"] not in {f.sha256 for f in known[m["name"]].files.values()})
+    ]
+    if missing:
+        raise ConfigError(
+            f"{path}: its members {', '.join(missing[:4])} are not checkpoints of {run.path}; "
+            "pass the soup's own run"
+        )
+    recipe = str(record.get("recipe") or os.path.basename(path))
+    return Marked(label=recipe, members=[known[str(n)] for n in names])
+
+
+# -- drawing -----------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class ReportResult:
+    """What was drawn where."""
+
+    path: str
+    """The image written."""
+    panels: list[str]
+    """One per metric, top to bottom."""
+    series: list[str]
+    """Every metric drawn."""
+    checkpoints: list[str]
+    """The saved checkpoints marked."""
+    best: str | None
+    """The best checkpoint by the run's monitored metric."""
+    marked: dict[str, list[str]] = field(default_factory=dict)
+    """Each recipe's label and its members."""
+    width: int = 0
+    """Image width in pixels."""
+    height: int = 0
+    """Image height in pixels."""
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def _matplotlib() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingDependency("drawing a report needs matplotlib: pip install 'ladle[plot]'") from None
+    return matplotlib
+
+
+class _XAxis:
+    """Maps a step (or a time) to the chosen x coordinate."""
+
+    def __init__(self, kind: str, history: Sequence[Mapping[str, Any]]) -> None:
+        if kind not in X_AXES:
+            raise ConfigError(f"x={kind!r} is not known; use one of {', '.join(X_AXES)}")
+        self.kind = kind
+        # Epoch e ends at the step of its epoch-level record: x = e + 1 epochs completed there.
+        ends: dict[int, int] = {}
+        for record in history:
+            if record.get("kind") != "step" and record.get("epoch") is not None:
+                ends[int(record["epoch"])] = max(ends.get(int(record["epoch"]), 0), int(record["step"]))
+        self.epoch_steps = [(0, 0.0), *sorted((s, e + 1.0) for e, s in ends.items())]
+        times = [float(r["time"]) for r in history if r.get("time")]
+        self.t0 = min(times) if times else 0.0
+        span = (max(times) - self.t0) if times else 0.0
+        self.time_unit, self.time_scale = (
+            ("seconds", 1.0) if span < 180 else ("minutes", 60.0) if span < 3 * 3600 else ("hours", 3600.0)
+        )
+        if kind == "epoch" and len(self.epoch_steps) < 2:
+            raise ConfigError("the run records no epoch ends; draw it with --x step or --x time")
+
+    @property
+    def label(self) -> str:
+        if self.kind == "epoch":
+            return "epochs completed"
+        if self.kind == "time":
+            return f"wall time ({self.time_unit})"
+        return "step"
+
+    def epochs_at(self, step: float) -> float:
+        import numpy as np
+
+        steps, epochs = zip(*self.epoch_steps, strict=True)
+        # Past the last recorded epoch end, extrapolate with the last epoch's length.
+        if step > steps[-1] and len(steps) > 1:
+            per_epoch = (steps[-1] - steps[-2]) / (epochs[-1] - epochs[-2]) or 1.0
+            return float(epochs[-1] + (step - steps[-1]) / per_epoch)
+        return float(np.interp(step, steps, epochs))
+
+    def of(self, step: int, when: float) -> float:
+        if self.kind == "epoch":
+            return self.epochs_at(step)
+        if self.kind == "time":
+            return (when - self.t0) / self.time_scale
+        return float(step)
+
+
+_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+_PREFERRED = {"train": 0, "training": 0, "": 0, "val": 1, "valid": 1, "validation": 1, "eval": 1, "dev": 1}
+_MEMBER_COLOR = "#3b3b3b"  # one neutral colour: rows are labelled, and curve colours keep their meaning
+
+
+def _variant_colors(variants: Sequence[str]) -> dict[str, str]:
+    colors: dict[str, str] = {}
+    taken: set[int] = set()
+    for v in variants:
+        index = _PREFERRED.get(v)
+        if index is not None and index not in taken:
+            colors[v] = _PALETTE[index]
+            taken.add(index)
+    free = [i for i in range(len(_PALETTE)) if i not in taken]
+    for v in variants:
+        if v not in colors:
+            index = free.pop(0) if free else len(colors) % len(_PALETTE)
+            colors[v] = _PALETTE[index]
+    return colors
+
+
+def _variant_label(variant: str, metric: str) -> str:
+    return variant.replace("_", " ") if variant else metric
+
+
+def plot_run(
+    run: Run | str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    recipes: Sequence[str] = (),
+    metrics: Sequence[str] | None = None,
+    x: str = "step",
+    title: str | None = None,
+    dpi: int = 110,
+) -> ReportResult:
+    """Draw the run's learning curves into `output` (PNG, SVG or PDF by its suffix); replaces it.
+
+    `recipes`: recipe strings (`top:5:val_loss:min`) or soup files whose members
+    are marked in the strip under the panels. `metrics`: draw only these
+    metrics (names as recorded, or panel names like `loss`). `x`: "step",
+    "epoch" (epochs completed) or "time" (wall time since the first record).
+    """
+    the_run = run if isinstance(run, Run) else Run(run)
+    history = load_history(the_run)
+    all_series = series_of(history)
+    if not all_series:
+        raise ConfigError(
+            f"{the_run.path}: no metrics recorded yet; pass metrics= to manager.step()/epoch_end()"
+        )
+    chosen = _choose(all_series, metrics)
+    marked = [recipe_members(the_run, spec) for spec in recipes]
+    axis = _XAxis(x, history)
+    checkpoints = the_run.checkpoints(kind="train")
+    monitor = the_run.monitor
+    best = the_run.best() if monitor else None
+    text = os.path.abspath(os.fspath(output))
+    suffix = os.path.splitext(text)[1].lower()
+    if suffix not in (".png", ".svg", ".pdf"):
+        raise ConfigError(f"{text}: write the report as .png, .svg or .pdf")
+    if not os.path.isdir(os.path.dirname(text)):
+        raise ConfigError(f"{text}: the folder {os.path.dirname(text)} does not exist; create it first")
+
+    panels: dict[str, list[str]] = {}
+    for name in chosen:
+        panels.setdefault(split_name(name)[0], []).append(name)
+    if monitor:
+        # The monitored metric's panel comes first: it is the one that picks the best checkpoint.
+        first = split_name(monitor["metric"])[0]
+        if first in panels:
+            panels = {first: panels[first], **{k: v for k, v in panels.items() if k != first}}
+    variants = list(dict.fromkeys(split_name(n)[1] for n in chosen))
+    colors = _variant_colors(variants)
+    # Within a panel, train first, then validation, then the rest: the same order in every legend.
+    rank = {
+        v: i for i, v in enumerate(sorted(variants, key=lambda v: (_PREFERRED.get(v, 9), variants.index(v))))
+    }
+    panels = {p: sorted(names, key=lambda n: rank[split_name(n)[1]]) for p, names in panels.items()}
+    marked_variant = split_name(monitor["metric"])[1] if monitor else None
+
+    _matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    strip_rows = 1 + (1 if best else 0) + len(marked)
+    panel_height, strip_height = 2.5, 0.42 * strip_rows + 0.5
+    figure = Figure(
+        figsize=(12, panel_height * len(panels) + strip_height + 0.9), dpi=dpi, layout="constrained"
+    )
+    FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(
+        len(panels) + 1, 1, height_ratios=[panel_height] * len(panels) + [strip_height]
+    )
+    axes = [figure.add_subplot(grid[i, 0]) for i in range(len(panels))]
+    strip = figure.add_subplot(grid[len(panels), 0], sharex=axes[0])
+    for ax in axes[1:]:
+        ax.sharex(axes[0])
+
+    best_x = axis.of(best.step, best.time) if best else None
+    for ax, (panel, names) in zip(axes, panels.items(), strict=True):
+        handles: list[Any] = []
+        marks: list[Any] = []
+        for name in names:
+            variant = split_name(name)[1]
+            color = colors[variant]
+            points = all_series[name]
+            steps = [p for p in points if p.per_step]
+            epochs = [p for p in points if not p.per_step]
+            label = _variant_label(variant, name)
+            if steps:
+                (line,) = ax.plot(
+                    [axis.of(p.step, p.time) for p in steps],
+                    [p.value for p in steps],
+                    color=color,
+                    linewidth=0.7,
+                    alpha=0.3 if epochs else 0.8,
+                    label=f"{label} (per step)",
+                )
+                handles.append(line)
+            if epochs:
+                (line,) = ax.plot(
+                    [axis.of(p.step, p.time) for p in epochs],
+                    [p.value for p in epochs],
+                    color=color,
+                    linewidth=1.8,
+                    label=label if not steps else f"{label} (per epoch)",
+                )
+                handles.append(line)
+            if variant == marked_variant or (marked_variant is None and name == names[-1]):
+                marks.extend(_mark_checkpoints(ax, axis, checkpoints, name, best, color))
+        if best_x is not None:
+            ax.axvline(best_x, color="#444444", linestyle=":", linewidth=1.0, zorder=1)
+        ax.set_ylabel(panel)
+        ax.grid(True, alpha=0.25)
+        ax.legend(
+            handles=handles + marks, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False
+        )
+        ax.tick_params(labelbottom=False)
+        ax.margins(x=0.01)
+
+    _draw_strip(strip, axis, checkpoints, best, monitor, marked, best_x, Line2D)
+    strip.set_xlabel(axis.label)
+    if x == "step" and len(axis.epoch_steps) > 1:
+        top = axes[0].secondary_xaxis(
+            "top", functions=(_vectorized(axis.epochs_at), _vectorized(_inverse(axis)))
+        )
+        top.set_xlabel("epochs completed", fontsize=9)
+    if title is None:
+        title = f"{the_run.path}: {len(checkpoints)} checkpoints"
+        if best and monitor:
+            value = best.metrics.get(monitor["metric"])
+            title += f"; best {best.name} ({monitor['metric']} {monitor['mode']} = {_short(value)})"
+    figure.suptitle(title, fontsize=12, x=0.01, ha="left")
+    _save(figure, text)
+    width, height = figure.canvas.get_width_height()
+    return ReportResult(
+        path=text,
+        panels=list(panels),
+        series=list(chosen),
+        checkpoints=[c.name for c in checkpoints],
+        best=best.name if best else None,
+        marked={m.label: [c.name for c in m.members] for m in marked},
+        width=width,
+        height=height,
+    )
+
+
+def _choose(all_series: Mapping[str, list[Point]], metrics: Sequence[str] | None) -> list[str]:
+    names = list(all_series)
+    if not metrics:
+        return names
+    chosen: list[str] = []
+    unknown = []
+    for wanted in metrics:
+        matches = [n for n in names if n == wanted or split_name(n)[0] == wanted]
+        if not matches:
+            unknown.append(wanted)
+        chosen.extend(m for m in matches if m not in chosen)
+    if unknown:
+        raise ConfigError(
+            f"no recorded metric {', '.join(map(repr, unknown))}; the run records {', '.join(names)}"
+        )
+    return chosen
+
+
+def _mark_checkpoints(
+    ax: Any,
+    axis: _XAxis,
+    checkpoints: Sequence[CheckpointInfo],
+    metric: str,
+    best: CheckpointInfo | None,
+    color: str,
+) -> list[Any]:
+    saved = [c for c in checkpoints if is_finite_number(c.metrics.get(metric))]
+    handles = []
+    if saved:
+        handles.append(
+            ax.scatter(
+                [axis.of(c.step, c.time) for c in saved],
+                [float(c.metrics[metric]) for c in saved],
+                s=22,
+                facecolors="white",
+                edgecolors=color,
+                linewidths=1.1,
+                zorder=3,
+                label="saved checkpoint",
+            )
+        )
+    if best is not None and is_finite_number(best.metrics.get(metric)):
+        handles.append(
+            ax.scatter(
+                [axis.of(best.step, best.time)],
+                [float(best.metrics[metric])],
+                s=170,
+                marker="*",
+                facecolors="#ffd700",
+                edgecolors="black",
+                linewidths=0.8,
+                zorder=4,
+                label=f"best ({best.name})",
+            )
+        )
+    return handles
+
+
+def _draw_strip(
+    ax: Any,
+    axis: _XAxis,
+    checkpoints: Sequence[CheckpointInfo],
+    best: CheckpointInfo | None,
+    monitor: Mapping[str, str] | None,
+    marked: Sequence[Marked],
+    best_x: float | None,
+    line_cls: Any,
+) -> None:
+    """Rows of markers under the panels: saved checkpoints, the best, each recipe's members."""
+    rows: list[str] = []
+    y = 0
+    ax.scatter(
+        [axis.of(c.step, c.time) for c in checkpoints],
+        [y] * len(checkpoints),
+        marker="|",
+        s=90,
+        color="#555555",
+        linewidths=1.2,
+    )
+    rows.append(f"saved checkpoints ({len(checkpoints)})")
+    if best is not None and monitor:
+        y += 1
+        ax.scatter(
+            [axis.of(best.step, best.time)],
+            [y],
+            marker="*",
+            s=170,
+            facecolors="#ffd700",
+            edgecolors="black",
+            linewidths=0.8,
+            zorder=3,
+        )
+        rows.append(f"best by {monitor['metric']} ({monitor['mode']})")
+    for mark in marked:
+        y += 1
+        ax.scatter(
+            [axis.of(c.step, c.time) for c in mark.members],
+            [y] * len(mark.members),
+            s=36,
+            color=_MEMBER_COLOR,
+            zorder=3,
+        )
+        rows.append(_wrap(f"{mark.label} ({len(mark.members)})"))
+    if best_x is not None:
+        ax.axvline(best_x, color="#444444", linestyle=":", linewidth=1.0, zorder=1)
+    ax.set_yticks(range(len(rows)), rows, fontsize=9)
+    ax.yaxis.tick_right()
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.grid(True, axis="x", alpha=0.25)
+    for side in ("top", "left"):
+        ax.spines[side].set_visible(False)
+    ax.tick_params(axis="y", length=0)
+
+
+def _wrap(label: str, width: int = 36) -> str:
+    """Long recipe strings on several lines, broken after commas (they have no spaces)."""
+    lines, current = [], ""
+    for piece in re.split(r"(?<=,)", label):
+        if current and len(current) + len(piece) > width:
+            lines.append(current)
+            current = ""
+        current += piece
+    lines.append(current)
+    return "\n".join(lines)
+
+
+def _vectorized(func: Any) -> Any:
+    import numpy as np
+
+    return lambda values: np.vectorize(func, otypes=[float])(values)
+
+
+def _inverse(axis: _XAxis) -> Any:
+    """Steps at a number of epochs completed (the inverse of `epochs_at`)."""
+    import numpy as np
+
+    steps, epochs = zip(*axis.epoch_steps, strict=True)
+
+    def step_at(epoch: float) -> float:
+        if epoch > epochs[-1] and len(steps) > 1:
+            per_epoch = (steps[-1] - steps[-2]) / (epochs[-1] - epochs[-2])
+            return float(steps[-1] + (epoch - epochs[-1]) * per_epoch)
+        return float(np.interp(epoch, epochs, steps))
+
+    return step_at
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _save(figure: Any, path: str) -> None:
+    """Write the image atomically, so a reader never sees half a file."""
+    from ladle.formats import atomic_path
+
+    suffix = os.path.splitext(path)[1].lstrip(".").lower()
+    with atomic_path(path, force=True) as tmp:
+        figure.savefig(tmp, format=suffix)

@@ -1,0 +1,490 @@
+"""ladle.soup and ladle.recipes: choosing a run's checkpoints and averaging them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ladle import RunningSoup, soup
+from ladle.average import AverageOptions, RunningAverage, build_plan, read_provenance
+from ladle.errors import ConfigError, EmptySelection, OutputExists
+from ladle.formats import DictSource
+from ladle.members import member_from_source
+from ladle.metrics import Mode
+from ladle.recipes import (
+    Greedy,
+    Improved,
+    Last,
+    Over,
+    Recipe,
+    Top,
+    Uniform,
+    Window,
+    WindowBy,
+    parse_recipe,
+    parse_window,
+)
+from ladle.store import CheckpointInfo, Run
+
+# -- recipes (no files) -------------------------------------------------------------------------------
+
+
+def _info(step: int, epoch: int | None = None, **metrics: float) -> CheckpointInfo:
+    return CheckpointInfo(
+        name=f"s{step}",
+        path=f"/run/s{step}",
+        step=step,
+        epoch=epoch,
+        time=0.0,
+        metrics=metrics,
+        files={},
+        seq=step,
+    )
+
+
+HISTORY = [
+    _info(1, epoch=1, lrap=0.50, auc=0.70, loss=1.0),
+    _info(2, epoch=2, lrap=0.55, auc=0.69, loss=0.8),
+    _info(3, epoch=3, lrap=0.53, auc=0.72, loss=0.9),
+    _info(4, epoch=4, lrap=0.54, auc=0.71, loss=0.7),
+    _info(5, epoch=5, lrap=0.52, auc=0.65, loss=0.95),
+    _info(6, epoch=6, lrap=0.57, auc=0.50, loss=0.85),
+]
+
+
+def _names(chosen: list[CheckpointInfo]) -> list[int]:
+    return [c.step for c in chosen]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "expected"),
+    [
+        ("uniform", [1, 2, 3, 4, 5, 6]),
+        ("last:2", [5, 6]),
+        ("last:99", [1, 2, 3, 4, 5, 6]),
+        ("top:2:loss:min", [2, 4]),
+        ("top:3:lrap:max", [2, 4, 6]),
+        ("last:3@epoch:2-4", [2, 3, 4]),
+        ("top:1:auc:max@step:4-", [4]),
+        ("window:epoch:3-5", [3, 4, 5]),
+        ("uniform@epoch:5", [5]),
+        ("improved:lrap,auc:max", [1, 2, 3, 6]),
+        ("improved:lrap,auc:max:over=previous", [1, 2, 3, 4, 6]),
+        ("improved:lrap,auc:max@epoch:2-6", [2, 3, 6]),
+        ("improved:loss:min,auc:max", [1, 2, 3, 4]),
+        ("improved:loss:min", [1, 2, 4]),
+        ("greedy:acc:max@epoch:2-3", [2, 3]),
+    ],
+)
+def test_recipes_choose_checkpoints(recipe: str, expected: list[int]) -> None:
+    assert _names(parse_recipe(recipe).choose(HISTORY)) == expected
+
+
+def test_improved_reports_which_metrics_improved() -> None:
+    found = Improved(metrics=(("lrap", Mode.MAX), ("auc", Mode.MAX))).improvements(HISTORY)
+    assert found == {"s1": ["lrap", "auc"], "s2": ["lrap"], "s3": ["auc"], "s4": [], "s5": [], "s6": ["lrap"]}
+
+
+def test_missing_or_non_finite_values_never_improve() -> None:
+    history = [_info(1, auc=0.5), _info(2), _info(3, auc=float("nan")), _info(4, auc=0.6)]
+    assert _names(parse_recipe("improved:auc:max").choose(history)) == [1, 4]
+    assert _names(parse_recipe("top:5:auc:max").choose(history)) == [1, 4]
+
+
+def test_top_ties_go_to_the_earlier_checkpoint() -> None:
+    history = [_info(1, loss=0.5), _info(2, loss=0.5), _info(3, loss=0.9)]
+    assert _names(parse_recipe("top:1:loss:min").choose(history)) == [1]
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("last:5", Recipe(select=Last(k=5))),
+        ("top:3:val_loss:min", Recipe(select=Top(k=3, metric="val_loss", mode=Mode.MIN))),
+        ("top:3", Recipe(select=Top(k=3))),
+        ("greedy:acc:max", Recipe(select=Greedy(metric="acc", mode=Mode.MAX))),
+        ("uniform", Recipe(select=Uniform())),
+        (
+            "improved:lrap,cmap,f1,auc:max",
+            Recipe(select=Improved(metrics=tuple((m, Mode.MAX) for m in ("lrap", "cmap", "f1", "auc"))))),
+        (
+            "improved:loss:min,auc:max:over=previous",
+            Recipe(select=Improved(metrics=(("loss", Mode.MIN), ("auc", Mode.MAX)), over=Over.PREVIOUS)),
+        ),
+        ("last:5@epoch:13-50", Recipe(select=Last(k=5), window=Window(by=WindowBy.EPOCH, start=13, end=50))),
+    ],
+)  # fmt: skip
+def test_recipe_strings_parse(text: str, parsed: Recipe) -> None:
+    assert parse_recipe(text) == parsed
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "last:5",
+        "top:3:val_loss:min",
+        "top:3",
+        "greedy:acc:max",
+        "uniform",
+        "improved:loss:min,auc:max",
+        "improved:auc:max:over=previous",
+        "last:5@epoch:13-50",
+        "top:2:acc:max@step:100-",
+        "uniform@step:-500",
+    ],
+)
+def test_recipe_strings_round_trip(text: str) -> None:
+    assert str(parse_recipe(text)) == text
+
+
+def test_group_directions_expand_in_canonical_form() -> None:
+    assert str(parse_recipe("improved:lrap,cmap:max,loss:min")) == "improved:lrap:max,cmap:max,loss:min"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("last", r"write last:K"),
+        ("last:0", r"K=0 must be a whole number of at least 1"),
+        ("last:x", r"'x' is not a whole number"),
+        ("top:3:loss", r"write top:K:METRIC:min\|max"),
+        ("top:3:loss:up", r"'up' is not a direction"),
+        ("improved:lrap,auc", r"no direction for lrap, auc; end with :min or :max"),
+        ("improved:auc:max:over=worst", r"over='worst' is not known"),
+        ("greedy:acc", r"write greedy:METRIC:min\|max"),
+        ("best:3", r"recipe 'best:3' not understood; use uniform, last:K"),
+        ("last:3@epochs", r"window 'epochs' not understood"),
+        ("last:3@epoch:9-2", r"start 9 is after end 2"),
+    ],
+)
+def test_bad_recipes_say_how_to_write_them(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_recipe(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "start", "end"),
+    [
+        ("epoch:13-50", 13, 50),
+        ("epoch:13-", 13, None),
+        ("epoch:-50", None, 50),
+        ("epoch:7", 7, 7),
+        ("epochs=1..3", 1, 3),
+    ],
+)
+def test_windows_parse(text: str, start: int | None, end: int | None) -> None:
+    window = parse_window(text)
+    assert window is not None
+    assert (window.by, window.start, window.end) == (WindowBy.EPOCH, start, end)
+
+
+def test_epoch_window_on_a_run_without_epochs_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="no checkpoint records an epoch; use a step window"):
+        parse_recipe("last:2@epoch:1-3").choose([_info(1), _info(2)])
+
+
+def test_a_second_window_must_agree() -> None:
+    with pytest.raises(ConfigError, match="do not give a second one"):
+        parse_recipe("last:2@epoch:1-3", window="epoch:2-4")
+    assert parse_recipe("last:2", window="step:10-20").window == Window(by=WindowBy.STEP, start=10, end=20)
+
+
+# -- soups of real runs -------------------------------------------------------------------------------
+
+VALUES = [1.0, 2.0, 3.0, 4.0, 5.0]
+LOSSES = [0.5, 0.3, 0.4, 0.2, 0.6]
+
+
+def _make_run(path: Path, values: list[float] = VALUES, *, ema_from: int = 1) -> Run:
+    run = Run(path, create=True).acquire()
+    for i, (value, loss) in enumerate(zip(values, LOSSES, strict=False), start=1):
+        pending = run.begin(f"step-{i * 100:09d}")
+        weights = {"weight": torch.tensor([[value]]), "count": torch.tensor(i)}
+        pending.write("model.safetensors", lambda p, w=weights: save_file(w, p))
+        if i >= ema_from:
+            ema = {"weight": torch.tensor([[value * 10]]), "count": torch.tensor(i)}
+            pending.write("ema.safetensors", lambda p, w=ema: save_file(w, p))
+        pending.commit(
+            step=i * 100,
+            epoch=i,
+            metrics={"val_loss": loss, "acc": 1 - loss},
+            monitor={"metric": "val_loss", "mode": "min"},
+        )
+    run.release()
+    return Run(path)
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Run:
+    return _make_run(tmp_path / "run")
+
+
+def test_last_k_in_memory(run: Run) -> None:
+    result = soup(run, "last:2")
+    assert result.state_dict is not None
+    assert result.state_dict["weight"].tolist() == [[4.5]]
+    assert result.state_dict["count"].item() == 5
+    assert [m.name for m in result.members] == ["step-000000400", "step-000000500"]
+    assert result.weights == [0.5, 0.5]
+
+
+def test_top_k_uses_the_runs_monitor(run: Run) -> None:
+    result = soup(run.path, "top:2")
+    assert result.recipe == "top:2:val_loss:min"
+    assert [m.step for m in result.members] == [200, 400]
+    assert result.state_dict is not None and result.state_dict["weight"].tolist() == [[3.0]]
+
+
+def test_window_narrows_a_recipe(run: Run) -> None:
+    result = soup(run, "uniform", window="epoch:2-3")
+    assert result.state_dict is not None and result.state_dict["weight"].tolist() == [[2.5]]
+
+
+def test_weights_apply_to_a_recipe(run: Run) -> None:
+    result = soup(run, "last:2", weights="1,3")
+    assert result.state_dict is not None and result.state_dict["weight"].tolist() == [[4.75]]
+    recency = soup(run, "last:2", weights="recency:100")
+    assert recency.weights == pytest.approx([1 / 3, 2 / 3])
+
+
+def test_ema_weights_with_key(run: Run) -> None:
+    result = soup(run, "last:2", key="ema")
+    assert result.state_dict is not None and result.state_dict["weight"].tolist() == [[45.0]]
+
+
+def test_checkpoints_without_the_asked_weights_are_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = _make_run(tmp_path / "run", ema_from=4)
+    with caplog.at_level(logging.WARNING, logger="ladle"):
+        result = soup(run, "uniform", key="ema")
+    assert [m.step for m in result.members] == [400, 500]
+    assert "3 of 5 checkpoints have no ema.safetensors; leaving them out" in caplog.text
+
+
+def test_output_file_has_the_recipe_and_run_checksums(run: Run, tmp_path: Path) -> None:
+    out = tmp_path / "soup.safetensors"
+    result = soup(run, "last:3", output=out)
+    assert result.path == str(out)
+    assert result.state_dict is None
+    assert load_file(str(out))["weight"].tolist() == [[4.0]]
+    record = read_provenance(out)
+    assert record is not None and record["recipe"] == "last:3"
+    assert record["run"] == run.path
+    for entry, info in zip(record["members"], result.members, strict=True):
+        assert entry["sha256"] == info.files["model.safetensors"].sha256
+        assert (entry["name"], entry["step"], entry["epoch"]) == (info.name, info.step, info.epoch)
+
+
+def test_into_run_commits_a_pinned_soup_checkpoint(run: Run) -> None:
+    result = soup(run, "top:2:val_loss:min", into_run=True)
+    info = result.checkpoint
+    assert info is not None
+    assert info.name == "soup-top-2-val_loss-min-000000400"
+    assert (info.kind, info.pinned, info.step, info.epoch) == ("soup", True, 400, 4)
+    reopened = Run(run.path)
+    assert reopened.get(info.name).extra["soup"]["recipe"] == "top:2:val_loss:min"
+    assert load_file(info.file("model.safetensors"))["weight"].tolist() == [[3.0]]
+    # soups are not candidates of later soups
+    assert [m.step for m in soup(reopened, "uniform").members] == [100, 200, 300, 400, 500]
+    with pytest.raises(ConfigError, match="already exists; choose another name"):
+        soup(reopened, "top:2:val_loss:min", into_run=True)
+
+
+def test_into_run_and_output_together(run: Run, tmp_path: Path) -> None:
+    result = soup(run, "last:2", output=tmp_path / "s.pt", into_run=True, name="final-soup")
+    assert result.checkpoint is not None and result.checkpoint.name == "final-soup"
+    assert load_file(result.checkpoint.file("model.safetensors"))["weight"].tolist() == [[4.5]]
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["weight"].tolist() == [[4.5]]
+
+
+def test_an_empty_selection_is_an_error(run: Run) -> None:
+    with pytest.raises(EmptySelection, match=r"recipe last:2@epoch:8-9 selects none of the 5 checkpoints"):
+        soup(run, "last:2", window="epoch:8-9")
+
+
+def test_output_is_checked_before_reading(run: Run, tmp_path: Path) -> None:
+    (tmp_path / "s.safetensors").write_bytes(b"x")
+    with pytest.raises(OutputExists, match="already exists"):
+        soup(run, "last:2", output=tmp_path / "s.safetensors")
+
+
+# -- greedy --------------------------------------------------------------------------------------------
+
+
+def _distance_to(target: float):  # type: ignore[no-untyped-def]
+    def evaluate(state: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {"score": -abs(float(state["weight"].item()) - target)}
+
+    return evaluate
+
+
+def test_greedy_adds_candidates_best_first_while_the_score_holds(run: Run) -> None:
+    result = soup(run, "greedy:score:max", evaluate=_distance_to(2.6))
+    steps = [(s.name[-3:], s.accepted, s.size) for s in result.greedy]
+    # own scores: 3 -> -0.4, 2 -> -0.6, 4 -> -1.4, 1 -> -1.6, 5 -> -2.4
+    assert steps == [
+        ("300", True, 1),
+        ("200", True, 2),
+        ("400", False, 2),
+        ("100", False, 2),
+        ("500", False, 2),
+    ]
+    assert [s.soup_score for s in result.greedy] == pytest.approx([-0.4, -0.1, -0.4, -0.6, -(10 / 3 - 2.6)])
+    assert result.score == pytest.approx(-0.1)
+    assert result.state_dict is not None and result.state_dict["weight"].tolist() == [[2.5]]
+    assert result.state_dict["count"].item() == 3  # newest of the accepted members
+    assert [m.step for m in result.members] == [200, 300]
+    assert result.score >= max(s.score for s in result.greedy)
+
+
+def test_greedy_reads_each_candidate_at_most_twice(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    loads: list[str] = []
+    original = RunningAverage.load
+
+    def counting(member, plan):  # type: ignore[no-untyped-def]
+        loads.append(member.label)
+        return original(member, plan)
+
+    monkeypatch.setattr(RunningAverage, "load", staticmethod(counting))
+    soup(run, "greedy:score:max", evaluate=_distance_to(2.6))
+    assert len(loads) == 10
+    assert all(loads.count(label) == 2 for label in set(loads))
+
+
+def test_greedy_through_a_model_factory(run: Run) -> None:
+    seen: list[float] = []
+
+    class Counted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(1, 1, bias=False)
+            self.register_buffer("count", torch.tensor(0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+    def evaluate(model: nn.Module) -> float:
+        value = float(model(torch.ones(1, 1)).item())
+        seen.append(value)
+        return -abs(value - 4.2)
+
+    result = soup(run, "greedy:score:max", evaluate=evaluate, model=_RemapFactory(Counted))
+    assert result.state_dict is not None and result.state_dict["weight"].tolist() == [[4.0]]
+    assert seen[:5] == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+class _RemapFactory:
+    """Builds a model whose state dict keys are those of the run ('weight', 'count')."""
+
+    def __init__(self, cls: type[nn.Module]) -> None:
+        self.cls = cls
+
+    def __call__(self) -> nn.Module:
+        inner = self.cls()
+
+        class Flat(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.weight = inner.lin.weight
+                self.register_buffer("count", torch.tensor(0))
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return x @ self.weight.T
+
+        return Flat()
+
+
+def test_greedy_can_rank_by_recorded_metric(run: Run) -> None:
+    result = soup(
+        run,
+        "greedy:acc:max",
+        evaluate=lambda state: {"acc": -abs(float(state["weight"]) - 3.0)},
+        rank="recorded",
+    )
+    # recorded acc order: 400 (0.8), 200 (0.7), 300, 100, 500
+    assert result.greedy[0].name == "step-000000400"
+    assert result.greedy[0].score == pytest.approx(0.8)
+
+
+def test_greedy_needs_evaluate_and_uniform_weights(run: Run) -> None:
+    with pytest.raises(
+        ConfigError, match=r"recipe greedy:acc:max needs evaluate= \(--eval module:function\)"
+    ):
+        soup(run, "greedy:acc:max")
+    with pytest.raises(ConfigError, match="greedy soups are uniform averages"):
+        soup(run, "greedy:acc:max", evaluate=lambda s: 0.0, weights="1,2,3,4,5")
+
+
+def test_greedy_evaluate_must_return_the_metric(run: Run) -> None:
+    with pytest.raises(ConfigError, match=r"evaluate returned \['loss'\] without 'acc'"):
+        soup(run, "greedy:acc:max", evaluate=lambda s: {"loss": 1.0})
+
+
+def test_greedy_records_its_steps(run: Run, tmp_path: Path) -> None:
+    soup(run, "greedy:score:max", evaluate=_distance_to(2.6), output=tmp_path / "g.safetensors")
+    record = json.loads((tmp_path / "g.safetensors.json").read_text())
+    assert [s["accepted"] for s in record["greedy"]] == [True, True, False, False, False]
+    assert record["score"] == {"score": pytest.approx(-0.1)}
+
+
+def test_running_average_combines_integers_by_policy() -> None:
+    members = [
+        member_from_source(DictSource({"w": torch.tensor([1.0]), "n": torch.tensor([7, 8, 9])}, path="a")),
+        member_from_source(DictSource({"w": torch.tensor([3.0]), "n": torch.tensor([2, 2, 2])}, path="b")),
+    ]
+    for policy, expected in (("floor-mean", [4, 5, 5]), ("newest", [2, 2, 2]), ("first", [7, 8, 9])):
+        options = AverageOptions(int_policy=policy)  # type: ignore[arg-type]
+        plan = build_plan(members, options)
+        running = RunningAverage(plan, options)
+        running.add(RunningAverage.load(members[0], plan), (1, 0))
+        state = running.state(RunningAverage.load(members[1], plan), (2, 1))
+        assert state["n"].tolist() == expected
+        assert state["w"].tolist() == [2.0]
+
+
+# -- running soups -------------------------------------------------------------------------------------
+
+
+def test_running_soup_follows_the_run(tmp_path: Path) -> None:
+    out = tmp_path / "running.safetensors"
+    running = RunningSoup("last:2", out)
+    run = Run(tmp_path / "run", create=True).acquire()
+    seen = []
+    for i, value in enumerate([1.0, 3.0, 7.0], start=1):
+        pending = run.begin(f"step-{i:09d}")
+        pending.write("model.safetensors", lambda p, v=value: save_file({"w": torch.tensor([v])}, p))
+        pending.commit(step=i)
+        assert running.update(run) is not None
+        seen.append(load_file(str(out))["w"].item())
+        assert running.update(run) is None  # nothing changed
+    run.release()
+    assert seen == [1.0, 2.0, 5.0]
+
+
+def test_running_soup_refuses_a_foreign_file_but_resumes_its_own(run: Run, tmp_path: Path) -> None:
+    out = tmp_path / "s.safetensors"
+    out.write_bytes(b"someone else's")
+    with pytest.raises(OutputExists, match="is not a running soup of last:2"):
+        RunningSoup("last:2", out).update(run)
+    out.unlink()
+    RunningSoup("last:2", out).update(run)
+    assert RunningSoup("last:2", out).update(run) is not None  # a new session replaces its own soup
+    with pytest.raises(OutputExists):
+        RunningSoup("last:3", out).update(run)
+    assert RunningSoup("last:3", out, force=True).update(run) is not None
+
+
+def test_running_top_k_waits_for_the_metric(tmp_path: Path) -> None:
+    run = Run(tmp_path / "run", create=True).acquire()
+    pending = run.begin("step-000000001")
+    pending.write("model.safetensors", lambda p: save_file({"w": torch.ones(1)}, p))
+    pending.commit(step=1)
+    assert RunningSoup("top:2", tmp_path / "s.safetensors").update(run) is None
+    run.release()
