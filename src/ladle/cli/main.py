@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="ladle: %(message)s")
     try:
         command = typer.main.get_command(app)
-        command.main(args=argv, prog_name="ladle", standalone_mode=False)
+        # Without standalone mode, typer.Exit(n) comes back as the return value.
+        code = command.main(args=argv, prog_name="ladle", standalone_mode=False)
     except LadleError as exc:
         err_console.print(f"ladle: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 2
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except KeyboardInterrupt:
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
