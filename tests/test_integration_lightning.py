@@ -20,7 +20,7 @@ from torch import nn
 
 from ladle import ConfigError, Keep, Run
 from ladle.cli.main import main
-from ladle.integrations._extras import MissingExtra
+from ladle.errors import MissingDependency
 from ladle.integrations.lightning import LIGHTNING_FILE, LadleCheckpoint
 
 # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; nothing ladle can change.
@@ -424,7 +424,7 @@ def test_missing_lightning_names_the_extra_to_install(monkeypatch: pytest.Monkey
     for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: "not installed"
     monkeypatch.delitem(sys.modules, "ladle.integrations.lightning")
-    with pytest.raises(MissingExtra, match=r"pip install 'ladle\[lightning\]'"):
+    with pytest.raises(MissingDependency, match=r"pip install 'ladle\[lightning\]'"):
         importlib.import_module("ladle.integrations.lightning")
 
 

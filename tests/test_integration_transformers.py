@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from ladle import ConfigError, Keep, Run
-from ladle.integrations._extras import MissingExtra
+from ladle.errors import MissingDependency
 from ladle.integrations.trainer_output import (
     epoch_index,
     metrics_at,
@@ -354,5 +354,5 @@ def test_epoch_index_names_the_epoch_a_fractional_epoch_falls_in(
 def test_missing_transformers_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)  # None in sys.modules: "not installed"
     monkeypatch.delitem(sys.modules, "ladle.integrations.transformers")
-    with pytest.raises(MissingExtra, match=r"pip install 'ladle\[transformers\]'"):
+    with pytest.raises(MissingDependency, match=r"pip install 'ladle\[transformers\]'"):
         importlib.import_module("ladle.integrations.transformers")

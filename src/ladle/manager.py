@@ -32,9 +32,10 @@ from ladle.errors import (
     ManagerClosed,
     StateMismatch,
 )
-from ladle.metrics import Mode, parse_mode
+from ladle.metrics import Mode
 from ladle.retention import Keep, Policy, Record, to_delete
 from ladle.rng import capture_rng, restore_rng
+from ladle.rules import SaveRules
 from ladle.state import (
     ALIASES_KEY,
     STATE_FORMAT,
@@ -49,16 +50,7 @@ from ladle.state import (
 )
 from ladle.stopping import EarlyStopping
 from ladle.store import CheckpointInfo, Run, check_readable, checkpoint_name, sha256_file
-from ladle.triggers import (
-    Clock,
-    Event,
-    EveryEpochs,
-    EverySeconds,
-    EverySteps,
-    OnImprovement,
-    OnThreshold,
-    Trigger,
-)
+from ladle.triggers import Clock, Event, EveryEpochs, Trigger
 
 log = logging.getLogger("ladle")
 
@@ -137,15 +129,21 @@ class CheckpointManager:
         self.early_stopping = early_stopping
         if monitor is None and early_stopping is not None:
             monitor, mode = early_stopping.metric, early_stopping.mode
-        self.monitor = monitor
-        self.mode = parse_mode(mode)
-        self.triggers = self._build_triggers(
-            every_steps, every_epochs, every_seconds, on_improvement, thresholds, triggers
+        rules = SaveRules(
+            monitor=monitor,
+            mode=mode,
+            every_steps=every_steps,
+            every_epochs=every_epochs,
+            every_seconds=every_seconds,
+            on_improvement=on_improvement,
+            thresholds=thresholds,
+            triggers=triggers,
+            keep=keep,
         )
-        if isinstance(keep, Keep):
-            self.policies = keep.policies((monitor, self.mode) if monitor else None)
-        else:
-            self.policies = list(keep or [])
+        self.monitor = monitor
+        self.mode = Mode(rules.mode)
+        self.triggers = rules.build_triggers(default=EveryEpochs(n=1))
+        self.policies = rules.policies()
         if config is not None:
             try:
                 json.dumps(config)
@@ -193,35 +191,6 @@ class CheckpointManager:
         if name == EMA_NAME and kind_of(obj) != "ema":
             raise ConfigError("the name 'ema' is reserved for a ladle.EMA; pick another name")
         self.objects[name] = obj
-
-    def _build_triggers(
-        self,
-        every_steps: int | None,
-        every_epochs: int | None,
-        every_seconds: float | None,
-        on_improvement: bool,
-        thresholds: Sequence[float] | None,
-        extra: Sequence[Trigger],
-    ) -> list[Trigger]:
-        found: list[Trigger] = []
-        if every_steps is not None:
-            found.append(EverySteps(n=every_steps))
-        if every_epochs is not None:
-            found.append(EveryEpochs(n=every_epochs))
-        if every_seconds is not None:
-            found.append(EverySeconds(seconds=every_seconds))
-        if on_improvement or thresholds:
-            if self.monitor is None:
-                raise ConfigError("on_improvement/thresholds need monitor='metric name'")
-            if on_improvement:
-                found.append(OnImprovement(metric=self.monitor, mode=self.mode))
-            if thresholds:
-                direction = Mode.MAX if self.mode is Mode.MAX else Mode.MIN
-                found.append(OnThreshold(metric=self.monitor, thresholds=thresholds, mode=direction))
-        found.extend(extra)
-        if not found:
-            found.append(EveryEpochs(n=1))
-        return found
 
     # -- lifecycle ---------------------------------------------------------------------
 

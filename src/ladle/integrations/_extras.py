@@ -10,15 +10,11 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from ladle.errors import LadleError
-
-
-class MissingExtra(LadleError, ImportError):
-    """An optional dependency of an integration is not installed."""
+from ladle.errors import MissingDependency
 
 
 def import_first(names: tuple[str, ...], *, extra: str, purpose: str) -> ModuleType:
-    """The first importable module of `names`; MissingExtra naming `pip install ladle[extra]` if none is.
+    """The first importable module of `names`; MissingDependency naming `pip install ladle[extra]` if none is.
 
     Only a missing module counts as absent: an installed package that fails to
     import for another reason raises its own error, which says more.
@@ -31,4 +27,6 @@ def import_first(names: tuple[str, ...], *, extra: str, purpose: str) -> ModuleT
             if missing and not any(n == missing or n.startswith(f"{missing}.") for n in names):
                 raise  # the package is there but one of its own dependencies is missing
     tried = " or ".join(f"`{name}`" for name in names)
-    raise MissingExtra(f"{purpose} needs {tried}, which is not installed; run: pip install 'ladle[{extra}]'")
+    raise MissingDependency(
+        f"{purpose} needs {tried}, which is not installed; run: pip install 'ladle[{extra}]'"
+    )

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ladle._version import __version__
-from ladle.integrations._rules import SaveRules
 from ladle.metrics import is_finite_number
 from ladle.retention import Record, to_delete
+from ladle.rules import SaveRules
 from ladle.state import ALIASES_KEY, tensors_for_safetensors
 from ladle.storage import atomic_write
 from ladle.store import META_NAME, CheckpointInfo, FileRecord, Run, sha256_file

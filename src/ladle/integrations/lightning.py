@@ -35,14 +35,14 @@ from typing import Any
 import torch
 
 from ladle.ema import EMA, EMAConfig
-from ladle.errors import CheckpointNotFound, ConfigError
-from ladle.integrations._extras import MissingExtra, import_first
+from ladle.errors import CheckpointNotFound, ConfigError, MissingDependency
+from ladle.integrations._extras import import_first
 from ladle.integrations._resume import find_resumable
-from ladle.integrations._rules import SaveRules
 from ladle.integrations._saving import RunWriter, safetensors_writer
 from ladle.integrations._soup import SoupPlan, soup_into_run, soup_to_file, soup_weights
 from ladle.metrics import Mode
 from ladle.retention import Keep, Policy
+from ladle.rules import SaveRules
 from ladle.soup import SoupResult
 from ladle.store import CheckpointInfo, Run, best_of
 from ladle.triggers import EveryEpochs, Trigger
@@ -477,4 +477,4 @@ def _save_lightning(trainer: Any, path: str) -> None:
         )
 
 
-__all__ = ["LIGHTNING_FILE", "LadleCheckpoint", "MissingExtra"]
+__all__ = ["LIGHTNING_FILE", "LadleCheckpoint", "MissingDependency"]

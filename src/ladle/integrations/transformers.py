@@ -38,10 +38,9 @@ from typing import Any
 
 import torch
 
-from ladle.errors import ConfigError, StateMismatch
-from ladle.integrations._extras import MissingExtra, import_first
+from ladle.errors import ConfigError, MissingDependency, StateMismatch
+from ladle.integrations._extras import import_first
 from ladle.integrations._resume import find_resumable
-from ladle.integrations._rules import SaveRules
 from ladle.integrations._saving import RunWriter
 from ladle.integrations._soup import SoupPlan, soup_to_file, soup_weights
 from ladle.integrations.trainer_output import (
@@ -53,6 +52,7 @@ from ladle.integrations.trainer_output import (
 )
 from ladle.metrics import Mode
 from ladle.retention import Keep, Policy
+from ladle.rules import SaveRules
 from ladle.soup import SoupResult
 from ladle.triggers import Event, EveryEpochs, EverySteps, OnImprovement, OnThreshold, Trigger
 
@@ -377,4 +377,4 @@ def load_into(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], *, wh
     model.load_state_dict(dict(weights), strict=False)
 
 
-__all__ = ["LadleCallback", "MissingExtra", "load_into"]
+__all__ = ["LadleCallback", "MissingDependency", "load_into"]

@@ -1,9 +1,9 @@
-"""`SaveRules`: when an integration callback saves and which checkpoints it keeps.
+"""`SaveRules`: when to save and which checkpoints to keep, validated up front.
 
-The same settings as `CheckpointManager` (`monitor`, `mode`, `every_steps`,
-`every_epochs`, `every_seconds`, `on_improvement`, `thresholds`, `triggers`,
-`keep`), checked when a callback is built so that a mistake fails before
-training, not at its first save.
+The settings `CheckpointManager` and the integration callbacks share (`monitor`,
+`mode`, `every_steps`, `every_epochs`, `every_seconds`, `on_improvement`,
+`thresholds`, `triggers`, `keep`), checked when they are built so that a mistake
+fails before training, not at its first save.
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ def _positive_int(value: Any, name: str) -> None:
 
 @dataclass(kw_only=True)
 class SaveRules:
-    """When an integration saves and which of its checkpoints survive.
+    """When a manager or an integration callback saves, and which checkpoints survive.
 
-    Same meaning as the `CheckpointManager` arguments of the same names. Events
-    come from the framework: a "step" event after each optimizer step (and after
-    each validation), an "epoch" event at each epoch end.
+    Events come from the training loop (`step()`, `epoch_end()`) or the framework:
+    a "step" event after each optimizer step, an "epoch" event at each epoch end.
     """
 
     monitor: str | None = None
