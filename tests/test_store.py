@@ -179,3 +179,24 @@ def test_runs_on_an_fsspec_memory_filesystem() -> None:
     reader = Run("memory://ladle-test/run")
     assert [c.step for c in reader.checkpoints()] == [1]
     assert reader.verify(load=False) == []
+
+
+def test_adopting_a_directory_written_in_place_commits_it(run: Run) -> None:
+    folder = Path(run.path, "checkpoint-40")
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "trainer_state.json").write_text("{}")
+    info = run.adopt("checkpoint-40", step=40, metrics={"eval_loss": 0.3})
+    assert set(info.files) == {"model.safetensors", "trainer_state.json"}
+    assert Run(run.path).get(40).metrics == {"eval_loss": 0.3}
+    assert run.verify(info.name, load=False) == []
+
+
+def test_adopting_again_replaces_the_record(run: Run) -> None:
+    folder = Path(run.path, "checkpoint-40")
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"1")
+    run.adopt("checkpoint-40", step=40)
+    (folder / "a.bin").write_bytes(b"22")
+    again = run.adopt("checkpoint-40", step=40)
+    assert again.files["a.bin"].size == 2 and len(Run(run.path)) == 1

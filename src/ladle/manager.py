@@ -33,7 +33,7 @@ from ladle.errors import (
     StateMismatch,
 )
 from ladle.metrics import Mode
-from ladle.retention import Keep, Policy, Record, to_delete
+from ladle.retention import Keep, Policy, prune
 from ladle.rng import capture_rng, restore_rng
 from ladle.rules import SaveRules
 from ladle.state import (
@@ -357,8 +357,7 @@ class CheckpointManager:
         info = self._write(metrics, pin)
         self._last_saved = info
         self._clock.reset()
-        doomed = [superseded] if superseded and not self.run.get(superseded).pinned else []
-        self._apply_retention(extra=doomed)
+        self._apply_retention(extra=[superseded] if superseded else [])
         if self.running_soup is not None:
             self.running_soup.update(self.run)
         return info
@@ -432,15 +431,13 @@ class CheckpointManager:
         return payload, ema_weights
 
     def _apply_retention(self, extra: Sequence[str] = ()) -> None:
-        trains = self.run.checkpoints(kind="train")
-        records = [Record(c.name, c.step, c.seq, c.metrics, c.pinned) for c in trains]
-        protected = {c.name for c in (self.latest, self.best) if c is not None}
-        if self.resumed_from:
-            protected.add(self.resumed_from)
-        doomed = set(to_delete(records, self.policies, protected)) | (set(extra) - protected)
-        if doomed:
-            log.info("retention deletes %s", ", ".join(sorted(doomed)))
-            self.run.delete(sorted(doomed))
+        prune(
+            self.run,
+            self.policies,
+            monitor=(self.monitor, self.mode) if self.monitor else None,
+            protect=[self.resumed_from] if self.resumed_from else [],
+            extra=extra,
+        )
 
     def pin(self, name: str, pinned: bool = True) -> CheckpointInfo:
         """Pin a checkpoint so retention never deletes it (or unpin it)."""

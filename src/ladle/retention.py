@@ -7,12 +7,18 @@ best, resumed-from, pinned). With no policies at all, everything is kept.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ladle.errors import ConfigError
 from ladle.metrics import Mode, is_finite_number, parse_mode, sort_key
+
+if TYPE_CHECKING:
+    from ladle.store import Run
+
+log = logging.getLogger("ladle")
 
 
 @dataclass(frozen=True)
@@ -135,3 +141,37 @@ def to_delete(records: Sequence[Record], policies: Iterable[Policy], protected: 
     for policy in policies:
         kept |= policy.keep(records)
     return [r.name for r in sorted(records, key=lambda r: r.seq) if r.name not in kept]
+
+
+def prune(
+    run: Run,
+    policies: Sequence[Policy],
+    *,
+    monitor: tuple[str, Mode | str] | None = None,
+    protect: Iterable[str] = (),
+    extra: Iterable[str] = (),
+) -> list[str]:
+    """Delete a run's training checkpoints that no policy keeps, plus `extra`; returns their names.
+
+    Never deleted: the latest, the best by `monitor`, pinned checkpoints and `protect`
+    (e.g. the checkpoint the run resumed from). Called only after a commit, so the
+    newest checkpoint is already safe on disk.
+    """
+    trains = run.checkpoints(kind="train")
+    records = [Record(c.name, c.step, c.seq, c.metrics, c.pinned) for c in trains]
+    protected = set(protect)
+    latest = run.latest(kind="train")
+    if latest is not None:
+        protected.add(latest.name)
+    if monitor is not None:
+        best = run.best(monitor[0], monitor[1])
+        if best is not None:
+            protected.add(best.name)
+    names = {r.name for r in records}
+    pinned = {r.name for r in records if r.pinned}
+    doomed = set(to_delete(records, policies, protected))
+    doomed |= ({n for n in extra if n in names} - protected) - pinned
+    if doomed:
+        log.info("retention deletes %s", ", ".join(sorted(doomed)))
+        run.delete(sorted(doomed))
+    return sorted(doomed)

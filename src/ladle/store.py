@@ -381,6 +381,66 @@ class Run:
             raise ConfigError(f"{self.path}: checkpoint {name!r} already exists; choose another name")
         return PendingCheckpoint(self, name)
 
+    def adopt(
+        self,
+        name: str,
+        *,
+        step: int,
+        epoch: int | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        monitor: Mapping[str, str] | None = None,
+        kind: str = "train",
+        extra: Mapping[str, Any] | None = None,
+    ) -> CheckpointInfo:
+        """Commit a directory another program finished writing in place (a Trainer's checkpoint-N/).
+
+        Every file is fsynced and hashed, then meta.json is written atomically, last: a
+        directory the program did not finish never counts as a checkpoint. Adopting an
+        already-listed name first retracts its old meta.json, so the record is replaced.
+        """
+        self._require_writer()
+        validate_name(name)
+        storage = self.storage
+        path = storage.join(self.path, name)
+        filenames = [
+            f
+            for f in storage.listdir(path)
+            if f != META_NAME and not f.startswith(".") and storage.isfile(storage.join(path, f))
+        ]
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ladle-adopt") as pool:
+            synced = [pool.submit(storage.fsync_file, storage.join(path, f)) for f in filenames]
+            digests = {f: pool.submit(sha256_file, storage, storage.join(path, f)) for f in filenames}
+            for future in synced:
+                future.result()
+            files = {
+                f: FileRecord(storage.size(storage.join(path, f)), digests[f].result()) for f in filenames
+            }
+        storage.fsync_dir(path)
+        previous = self._checkpoints.get(name)
+        meta_path = storage.join(path, META_NAME)
+        if previous is not None:
+            storage.remove(meta_path)
+            del self._checkpoints[name]
+            self._write_index()
+        info = CheckpointInfo(
+            name=name,
+            path=path,
+            step=int(step),
+            epoch=None if epoch is None else int(epoch),
+            time=time.time(),
+            metrics={k: _json_number(v) for k, v in (metrics or {}).items()},
+            files=files,
+            pinned=previous.pinned if previous is not None else False,
+            monitor=dict(monitor) if monitor else None,
+            kind=kind,
+            seq=self.next_seq(),
+            extra={"ladle_version": __version__, **dict(extra or {})},
+        )
+        with atomic_write(storage, meta_path) as handle:
+            handle.write(info.meta_bytes())
+        self._add(info)
+        return info
+
     def _add(self, info: CheckpointInfo) -> None:
         self._checkpoints[info.name] = info
         self._write_index()

@@ -14,20 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ladle._version import __version__
 from ladle.metrics import is_finite_number
-from ladle.retention import Record, to_delete
+from ladle.retention import prune
 from ladle.rules import SaveRules
 from ladle.state import ALIASES_KEY, tensors_for_safetensors
-from ladle.storage import atomic_write
-from ladle.store import META_NAME, CheckpointInfo, FileRecord, Run, sha256_file
+from ladle.store import CheckpointInfo, Run
 from ladle.triggers import Clock, Event, Trigger
 
 log = logging.getLogger("ladle")
@@ -181,45 +177,15 @@ class RunWriter:
         directory the framework did not finish never counts as a checkpoint.
         """
         run = self._writable()
-        storage = run.storage
-        path = storage.join(run.path, name)
-        filenames = sorted(
-            f
-            for f in storage.listdir(path)
-            if f != META_NAME and not f.startswith(".") and storage.isfile(storage.join(path, f))
-        )
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ladle-record") as pool:
-            digests = {f: pool.submit(sha256_file, storage, storage.join(path, f)) for f in filenames}
-            files = {
-                f: FileRecord(size=storage.size(storage.join(path, f)), sha256=digests[f].result())
-                for f in filenames
-            }
         run.refresh()
-        previous = next((c for c in run.checkpoints() if c.name == name), None)
-        meta = storage.join(path, META_NAME)
-        if previous is not None:
-            # The framework saved into a folder recorded before (a resumed run re-saving a
-            # step): retract the old record first, so the index cannot keep it.
-            storage.remove(meta)
-            run.refresh()
-        info = CheckpointInfo(
-            name=name,
-            path=path,
-            step=int(step),
-            epoch=None if epoch is None else int(epoch),
-            time=time.time(),
+        info = run.adopt(
+            name,
+            step=step,
+            epoch=epoch,
             metrics=_plain_metrics(metrics),
-            files=files,
-            pinned=bool(previous.pinned) if previous is not None else False,
             monitor=self.rules.monitor_spec,
-            kind="train",
-            seq=run.next_seq(),
-            extra={"ladle_version": __version__, **dict(extra or {})},
+            extra=extra,
         )
-        with atomic_write(storage, meta) as handle:
-            handle.write(json.dumps(info.to_meta(), indent=1).encode())
-        run.refresh()
-        info = run.get(name)
         self._saved(info, supersede=False)
         return info
 
@@ -239,26 +205,14 @@ class RunWriter:
         """Delete what no policy keeps (and `extra`), never the latest, best, resumed-from or pinned."""
         run = self._writable()
         run.refresh()
-        trains = run.checkpoints(kind="train")
-        names = {c.name for c in trains}
-        records = [Record(c.name, c.step, c.seq, c.metrics, c.pinned) for c in trains]
-        protected = set(protect) | self.protected
-        latest = run.latest(kind="train")
-        if latest is not None:
-            protected.add(latest.name)
-        if self.rules.monitor:
-            best = run.best(self.rules.monitor, self.rules.mode)
-            if best is not None:
-                protected.add(best.name)
-        if self.resumed_from:
-            protected.add(self.resumed_from)
-        pinned = {c.name for c in trains if c.pinned}
-        doomed = set(to_delete(records, self.rules.policies(), protected))
-        doomed |= {n for n in extra if n in names} - protected - pinned
-        if doomed:
-            log.info("retention deletes %s", ", ".join(sorted(doomed)))
-            run.delete(sorted(doomed))
-        return sorted(doomed)
+        rules = self.rules
+        return prune(
+            run,
+            rules.policies(),
+            monitor=(rules.monitor, rules.mode) if rules.monitor else None,
+            protect={*protect, *self.protected, *([self.resumed_from] if self.resumed_from else [])},
+            extra=extra,
+        )
 
     def warn_if_monitor_unrecorded(self) -> None:
         """Warn when no checkpoint records the monitored metric: most likely a misspelt `monitor=`."""
