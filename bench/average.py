@@ -1,6 +1,6 @@
 """Averaging ten checkpoints of a large fp32 model: ladle against the usual scripts.
 
-    python bench/average.py [--params 250e6] [--members 10] [--dir DIR] [--keep]
+    python bench/average.py [--params 250e6] [--members 10] [--repeat 3] [--dir DIR] [--keep]
 
 Builds one ladle run of `--members` checkpoints (model.safetensors each) and a
 torch-pickle copy of every checkpoint, then times, each in its own subprocess
@@ -19,9 +19,12 @@ with the page cache warmed by reading its inputs once:
 Peak RSS above baseline is the child's high-water mark (VmHWM) minus its RSS
 after imports and a small warm-up, before any work. Approach (a) holds every checkpoint at once;
 it is skipped (and says so) when the machine lacks the memory for it.
-Prints times, peak RSS and the ratios the targets refer to: ladle time <= 0.5x
-of (b), ladle peak RSS above baseline <= 1.5x one checkpoint, ladle time <=
-1.5x the raw I/O time.
+The approaches take turns, --repeat rounds of them ((a) only in the first
+round: it is slow and needs the most memory), and the medians are reported, so
+a burst of load on a shared machine does not decide the result. Prints times,
+peak RSS and the ratios the targets refer to: ladle time <= 0.5x of (b),
+ladle peak RSS above baseline <= 1.5x one checkpoint, ladle time <= 1.5x the
+raw I/O time.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -205,6 +209,7 @@ def main() -> None:
     )
     parser.add_argument("--params", type=float, default=250e6, help="parameters per checkpoint (fp32)")
     parser.add_argument("--members", type=int, default=10, help="checkpoints to average")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; medians are reported")
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -236,23 +241,33 @@ def main() -> None:
             ("raw I/O (safetensors inputs)", "raw-io", [str(size), *map(str, st_files)], st_files),
             ("raw I/O (.pt inputs)", "raw-io", [str(size), *map(str, pt_files)], pt_files),
         ]
+        runs: dict[str, list[dict[str, float]]] = {}
+        for round_ in range(args.repeat):
+            for label, approach, inputs, files in plan:
+                if approach == "stack":
+                    if round_ > 0:
+                        continue
+                    need = (args.members + 2) * size * 1.2
+                    available = psutil.virtual_memory().available
+                    if available < need + 2 * GIB:
+                        print(
+                            f"{label}: skipped, needs ~{need / GIB:.1f} GiB, {available / GIB:.1f} GiB available"
+                        )
+                        continue
+                warm(files)
+                suffix = ".safetensors" if approach.startswith("ladle") else ".pt"
+                runs.setdefault(label, []).append(run_child(approach, inputs, out + suffix))
         results: dict[str, dict[str, float]] = {}
-        for label, approach, inputs, files in plan:
-            if approach == "stack":
-                need = (args.members + 2) * size * 1.2
-                available = psutil.virtual_memory().available
-                if available < need + 2 * GIB:
-                    print(
-                        f"{label}: skipped, needs ~{need / GIB:.1f} GiB, {available / GIB:.1f} GiB available"
-                    )
-                    continue
-            warm(files)
-            suffix = ".safetensors" if approach.startswith("ladle") else ".pt"
-            results[label] = run_child(approach, inputs, out + suffix)
+        for label, rounds in runs.items():
+            results[label] = {
+                "seconds": statistics.median(r["seconds"] for r in rounds),
+                "peak_above_baseline": max(r["peak_above_baseline"] for r in rounds),
+            }
             r = results[label]
+            times = ", ".join(f"{x['seconds']:.2f}" for x in rounds)
             print(
-                f"{label:42s} {r['seconds']:7.2f} s   peak RSS above baseline "
-                f"{r['peak_above_baseline'] / GIB:6.2f} GiB ({r['peak_above_baseline'] / size:.2f}x one checkpoint)"
+                f"{label:42s} {r['seconds']:7.2f} s (median of {times})   peak RSS above baseline "
+                f"{r['peak_above_baseline'] / GIB:5.2f} GiB ({r['peak_above_baseline'] / size:.2f}x one checkpoint)"
             )
         fairseq = results.get("(b) fairseq (torch.load one at a time)")
         for label, io_label in (

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -573,3 +574,35 @@ def test_streaming_reads_one_key_from_every_member_before_the_next_key() -> None
     # two accumulators (one being written, one computed), each as large as the largest tensor,
     # whatever the number of members
     assert [b.numel() for b in averager._accs] == [3 * 4, 3 * 4]
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `ladle.average` is the function; the module is in sys.modules.
+    monkeypatch.setattr(sys.modules["ladle.average"], "BLOCK", 4)
+
+
+def test_blocks_add_up_to_the_whole_tensor(tiny_blocks: None, tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randn(3, 7, generator=gen) for _ in range(3)]
+    files = [_st(tmp_path / f"c{i}.safetensors", {"w": v}) for i, v in enumerate(values)]
+    assert torch.equal(average(files)["w"], (values[0] + values[1] + values[2]) / 3)
+    weighted = average(files, weights="0.5,0.25,0.25")["w"]
+    torch.testing.assert_close(weighted, 0.5 * values[0] + 0.25 * values[1] + 0.25 * values[2])
+    narrow = average(files, dtype="bf16")["w"]
+    assert torch.equal(narrow, ((values[0] + values[1] + values[2]) / 3).to(torch.bfloat16))
+
+
+def test_a_nan_in_a_late_block_is_found(tiny_blocks: None, tmp_path: Path) -> None:
+    bad = torch.zeros(10)
+    bad[9] = float("nan")
+    a = _st(tmp_path / "a.safetensors", {"w": torch.zeros(10)})
+    b = _st(tmp_path / "b.safetensors", {"w": bad})
+    with pytest.raises(NonFiniteValues, match=r"b\.safetensors: 'w' holds 1 non-finite value\(s\) \(NaN\)"):
+        average([a, b])
+
+
+def test_the_engine_leaves_torch_threads_as_it_found_them(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    average(_files(tmp_path, [1.0], [2.0]))
+    assert torch.get_num_threads() == before

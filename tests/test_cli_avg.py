@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import textwrap
 from pathlib import Path
 
@@ -262,3 +263,18 @@ def test_soup_eval_spec_errors_are_bad_input(tmp_path: Path, capsys: pytest.Capt
     ]
     assert main(argv) == 2
     assert "--eval 'nomodule': write module:function" in _error_line(capsys)
+
+
+def test_avg_warns_about_batchnorm_statistics(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bn = torch.nn.BatchNorm1d(2)
+    a = _st(tmp_path / "a.safetensors", **{f"bn.{k}": v for k, v in bn.state_dict().items()})
+    b = _st(tmp_path / "b.safetensors", **{f"bn.{k}": v + 1 for k, v in bn.state_dict().items()})
+    with caplog.at_level(logging.WARNING, logger="ladle"):
+        assert main(["avg", a, b, "-o", str(tmp_path / "o.safetensors")]) == 0
+    assert "BatchNorm running statistics (1 layers)" in caplog.text
+
+
+def test_soup_model_without_eval_is_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _run(tmp_path / "run")
+    assert main(["soup", run, "-o", str(tmp_path / "s.safetensors"), "--model", "x:y"]) == 2
+    assert "--model is only used with --eval" in _error_line(capsys)

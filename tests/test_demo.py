@@ -284,3 +284,31 @@ def test_a_bad_option_exits_2_with_one_line(tmp_path: Path, capsys: pytest.Captu
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "label_noise=1.5" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_demo_leaves_the_callers_torch_settings_and_rng_as_they_were() -> None:
+    from ladle.demo.runner import deterministic
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    with deterministic():
+        assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+        torch.rand(100)
+    assert torch.get_num_threads() == threads
+    assert torch.are_deterministic_algorithms_enabled() == strict
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_without_matplotlib_the_demo_still_runs_and_says_why_there_is_no_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = run_demo(DemoConfig(epochs=2), str(tmp_path))
+    assert result.report is None
+    assert "pip install 'ladle[plot]'" in (result.report_skipped or "")
+    assert not (tmp_path / "report.png").exists()
+    assert load_results(str(tmp_path))["report"] is None

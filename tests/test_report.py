@@ -205,3 +205,13 @@ def test_the_cli_reports_bad_input_in_one_line_with_exit_2(
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "x='wall' is not known; use one of step, epoch, time" in err
+
+
+def test_epochs_and_steps_map_onto_each_other_past_both_ends_of_the_run(tmp_path: Path) -> None:
+    from ladle.report import _XAxis
+
+    run = make_run(tmp_path / "run", epochs=3, steps_per_epoch=4)
+    axis = _XAxis("step", load_history(Run(run)))
+    assert [axis.epochs_at(s) for s in (-4, 0, 4, 6, 12, 16)] == [-1.0, 0.0, 1.0, 1.5, 3.0, 4.0]
+    for epochs in (-0.5, 0.0, 2.25, 3.0, 5.0):
+        assert axis.epochs_at(axis.step_at(epochs)) == pytest.approx(epochs)

@@ -95,3 +95,23 @@ def test_greedy_soup_is_never_worse_than_its_best_member(
     assert result.state_dict is not None
     model.load_state_dict(result.state_dict)
     assert _accuracy(model, xtest, ytest) == result.score
+
+
+def test_training_continues_from_a_soup_committed_into_the_run(
+    trained: tuple[Run, tuple[torch.Tensor, ...]],
+) -> None:
+    run, (xtr, ytr, *_rest) = trained
+    result = soup(run, "last:2", into_run=True, name="soup-last-2")
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with CheckpointManager(
+        run.path, model=model, optimizer=optimizer, monitor="val_acc", mode="max"
+    ) as manager:
+        manager.resume("soup-last-2")
+        assert result.state_dict is not None
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, result.state_dict[key]), key
+        loss = nn.functional.cross_entropy(model(xtr[:64]), ytr[:64])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()  # fine-tuning goes on from the soup

@@ -1,10 +1,14 @@
 """The averaging engine: a streaming, weighted mean over checkpoints, one tensor at a time.
 
-Peak memory is one tensor per member being read plus one accumulator tensor:
-each key is read from every member in turn, summed into a float32 (or
-float64) buffer reused across keys, and handed on (to the streaming
-safetensors writer, or into an in-memory dict), so the number of checkpoints
-never multiplies memory. Rules:
+Each key is summed block by block (1 MiB of float32): the block of every member
+is read into one small reused buffer (`TensorSource.read_block`, `preadv` from
+the file) and added into the accumulator's block while it is in the CPU cache.
+The accumulator (float32, or float64) is as large as the largest tensor and
+reused across keys; the result goes on to the streaming safetensors writer
+(which writes key k in a thread while key k+1 is summed, hence two
+accumulators used in turn) or into an in-memory dict. Peak memory is about
+three times the largest tensor, whatever the number and size of the
+checkpoints. Rules:
 
 - floating tensors accumulate in float32 (float64 on request, and always for
   float64 members) and are written in the members' dtype unless `dtype` says
@@ -360,15 +364,23 @@ class Averager:
         Without `copy`, a yielded tensor may live in a buffer that is reused two
         keys later: finish with it (write it) before asking for the key after next.
         """
-        for key in order:
-            plan = self.plan.keys[key]
-            if plan.kind is Kind.FLOAT:
-                out = self._float(plan)
-            else:
-                out = self._int(plan)
-            if copy and self._owns(out):
-                out = out.clone()
-            yield key, out
+        # The work comes in cache-sized blocks, far too small for torch's thread
+        # pool to pay off: its barriers only add waiting (badly so on a busy
+        # machine). One thread computes while another writes the output.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for key in order:
+                plan = self.plan.keys[key]
+                if plan.kind is Kind.FLOAT:
+                    out = self._float(plan)
+                else:
+                    out = self._int(plan)
+                if copy and self._owns(out):
+                    out = out.clone()
+                yield key, out
+        finally:
+            torch.set_num_threads(threads)
 
     def _read(self, index: int, key: str) -> torch.Tensor:
         member = self.members[index]
@@ -513,7 +525,8 @@ def _options(
     )
 
 
-def _warn_batchnorm(plan: Plan) -> None:
+def warn_batchnorm(plan: Plan) -> None:
+    """Log that averaged BatchNorm statistics need recalibrating, when the members have them."""
     if plan.batchnorm_layers:
         log.warning(
             "the members hold BatchNorm running statistics (%d layers); averaged statistics do not "
@@ -533,7 +546,7 @@ def average_members(
     options = options or AverageOptions()
     weighting, normalized = resolve_weights(members, weights)
     plan = build_plan(members, options)
-    _warn_batchnorm(plan)
+    warn_batchnorm(plan)
     averager = Averager(members, normalized, plan, options, uniform=weighting.uniform, progress=progress)
     stored = dict(averager.stream(list(plan.keys), copy=True))
     state = {k: stored[plan.ties.get(k, k)] for k in plan.order}
@@ -638,7 +651,7 @@ def write_average(
         check_destination(side, force=force)
     weighting, normalized = resolve_weights(members, weights)
     plan = build_plan(members, options)
-    _warn_batchnorm(plan)
+    warn_batchnorm(plan)
     record = provenance(
         members, normalized, plan, options, recipe=recipe, weighting=str(weighting), extra=extra
     )

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,8 +210,9 @@ def open_members(
         if dedupe:
             members = _dedupe(members)
         if hash_files:
-            for member in members:
-                _hash(member)
+            # hashlib releases the GIL: files hash side by side.
+            with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+                list(pool.map(_hash, members))
         _note_identical(members)
     except BaseException:
         close_members(members)

@@ -216,7 +216,12 @@ class _XAxis:
         for record in history:
             if record.get("kind") != "step" and record.get("epoch") is not None:
                 ends[int(record["epoch"])] = max(ends.get(int(record["epoch"]), 0), int(record["step"]))
-        self.epoch_steps = [(0, 0.0), *sorted((s, e + 1.0) for e, s in ends.items())]
+        points = [(0, 0.0)]
+        for epoch, step in sorted(ends.items()):
+            # Only strictly increasing points: the map must be invertible.
+            if step > points[-1][0] and epoch + 1.0 > points[-1][1]:
+                points.append((step, epoch + 1.0))
+        self.epoch_steps = points
         times = [float(r["time"]) for r in history if r.get("time")]
         self.t0 = min(times) if times else 0.0
         span = (max(times) - self.t0) if times else 0.0
@@ -235,14 +240,14 @@ class _XAxis:
         return "step"
 
     def epochs_at(self, step: float) -> float:
-        import numpy as np
-
+        """Epochs completed at `step`, interpolated between epoch ends."""
         steps, epochs = zip(*self.epoch_steps, strict=True)
-        # Past the last recorded epoch end, extrapolate with the last epoch's length.
-        if step > steps[-1] and len(steps) > 1:
-            per_epoch = (steps[-1] - steps[-2]) / (epochs[-1] - epochs[-2]) or 1.0
-            return float(epochs[-1] + (step - steps[-1]) / per_epoch)
-        return float(np.interp(step, steps, epochs))
+        return _piecewise(steps, epochs, step)
+
+    def step_at(self, epoch: float) -> float:
+        """The inverse of `epochs_at`."""
+        steps, epochs = zip(*self.epoch_steps, strict=True)
+        return _piecewise(epochs, steps, epoch)
 
     def of(self, step: int, when: float) -> float:
         if self.kind == "epoch":
@@ -294,6 +299,7 @@ def plot_run(
     metrics (names as recorded, or panel names like `loss`). `x`: "step",
     "epoch" (epochs completed) or "time" (wall time since the first record).
     """
+    text = _output_path(output)
     the_run = run if isinstance(run, Run) else Run(run)
     history = load_history(the_run)
     all_series = series_of(history)
@@ -307,34 +313,14 @@ def plot_run(
     checkpoints = the_run.checkpoints(kind="train")
     monitor = the_run.monitor
     best = the_run.best() if monitor else None
-    text = os.path.abspath(os.fspath(output))
-    suffix = os.path.splitext(text)[1].lower()
-    if suffix not in (".png", ".svg", ".pdf"):
-        raise ConfigError(f"{text}: write the report as .png, .svg or .pdf")
-    if not os.path.isdir(os.path.dirname(text)):
-        raise ConfigError(f"{text}: the folder {os.path.dirname(text)} does not exist; create it first")
-
-    panels: dict[str, list[str]] = {}
-    for name in chosen:
-        panels.setdefault(split_name(name)[0], []).append(name)
-    if monitor:
-        # The monitored metric's panel comes first: it is the one that picks the best checkpoint.
-        first = split_name(monitor["metric"])[0]
-        if first in panels:
-            panels = {first: panels[first], **{k: v for k, v in panels.items() if k != first}}
-    variants = list(dict.fromkeys(split_name(n)[1] for n in chosen))
-    colors = _variant_colors(variants)
-    # Within a panel, train first, then validation, then the rest: the same order in every legend.
-    rank = {
-        v: i for i, v in enumerate(sorted(variants, key=lambda v: (_PREFERRED.get(v, 9), variants.index(v))))
-    }
-    panels = {p: sorted(names, key=lambda n: rank[split_name(n)[1]]) for p, names in panels.items()}
+    panels = _panels(chosen, monitor)
+    colors = _variant_colors(list(dict.fromkeys(split_name(n)[1] for n in chosen)))
+    # Checkpoints are marked on the curves of the variant the run monitors ("val" for val_loss).
     marked_variant = split_name(monitor["metric"])[1] if monitor else None
 
     _matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
 
     strip_rows = 1 + (1 if best else 0) + len(marked)
     panel_height, strip_height = 2.5, 0.42 * strip_rows + 0.5
@@ -356,32 +342,11 @@ def plot_run(
         marks: list[Any] = []
         for name in names:
             variant = split_name(name)[1]
-            color = colors[variant]
-            points = all_series[name]
-            steps = [p for p in points if p.per_step]
-            epochs = [p for p in points if not p.per_step]
-            label = _variant_label(variant, name)
-            if steps:
-                (line,) = ax.plot(
-                    [axis.of(p.step, p.time) for p in steps],
-                    [p.value for p in steps],
-                    color=color,
-                    linewidth=0.7,
-                    alpha=0.3 if epochs else 0.8,
-                    label=f"{label} (per step)",
-                )
-                handles.append(line)
-            if epochs:
-                (line,) = ax.plot(
-                    [axis.of(p.step, p.time) for p in epochs],
-                    [p.value for p in epochs],
-                    color=color,
-                    linewidth=1.8,
-                    label=label if not steps else f"{label} (per epoch)",
-                )
-                handles.append(line)
+            handles.extend(
+                _draw_series(ax, axis, all_series[name], _variant_label(variant, name), colors[variant])
+            )
             if variant == marked_variant or (marked_variant is None and name == names[-1]):
-                marks.extend(_mark_checkpoints(ax, axis, checkpoints, name, best, color))
+                marks.extend(_mark_checkpoints(ax, axis, checkpoints, name, best, colors[variant]))
         if best_x is not None:
             ax.axvline(best_x, color="#444444", linestyle=":", linewidth=1.0, zorder=1)
         ax.set_ylabel(panel)
@@ -392,11 +357,11 @@ def plot_run(
         ax.tick_params(labelbottom=False)
         ax.margins(x=0.01)
 
-    _draw_strip(strip, axis, checkpoints, best, monitor, marked, best_x, Line2D)
+    _draw_strip(strip, axis, checkpoints, best, monitor, marked, best_x)
     strip.set_xlabel(axis.label)
     if x == "step" and len(axis.epoch_steps) > 1:
         top = axes[0].secondary_xaxis(
-            "top", functions=(_vectorized(axis.epochs_at), _vectorized(_inverse(axis)))
+            "top", functions=(_vectorized(axis.epochs_at), _vectorized(axis.step_at))
         )
         top.set_xlabel("epochs completed", fontsize=9)
     if title is None:
@@ -417,6 +382,57 @@ def plot_run(
         width=width,
         height=height,
     )
+
+
+def _output_path(output: str | os.PathLike[str]) -> str:
+    """The absolute output path, checked before any work: a known image suffix, an existing folder."""
+    text = os.path.abspath(os.fspath(output))
+    if os.path.splitext(text)[1].lower() not in (".png", ".svg", ".pdf"):
+        raise ConfigError(f"{text}: write the report as .png, .svg or .pdf")
+    if not os.path.isdir(os.path.dirname(text)):
+        raise ConfigError(f"{text}: the folder {os.path.dirname(text)} does not exist; create it first")
+    return text
+
+
+def _panels(chosen: Sequence[str], monitor: Mapping[str, str] | None) -> dict[str, list[str]]:
+    """Metric names by panel: the monitored metric's panel first; train, then val, then the rest."""
+    panels: dict[str, list[str]] = {}
+    for name in chosen:
+        panels.setdefault(split_name(name)[0], []).append(name)
+    if monitor:
+        first = split_name(monitor["metric"])[0]
+        if first in panels:
+            panels = {first: panels[first], **{k: v for k, v in panels.items() if k != first}}
+    variants = list(dict.fromkeys(split_name(n)[1] for n in chosen))
+    rank = {v: (_PREFERRED.get(v, 9), variants.index(v)) for v in variants}
+    return {p: sorted(names, key=lambda n: rank[split_name(n)[1]]) for p, names in panels.items()}
+
+
+def _draw_series(ax: Any, axis: _XAxis, points: Sequence[Point], label: str, color: str) -> list[Any]:
+    """One metric's curves: per-step values thin (faint when per-epoch values exist too), per-epoch bold."""
+    steps = [p for p in points if p.per_step]
+    epochs = [p for p in points if not p.per_step]
+    handles = []
+    if steps:
+        (line,) = ax.plot(
+            [axis.of(p.step, p.time) for p in steps],
+            [p.value for p in steps],
+            color=color,
+            linewidth=0.7,
+            alpha=0.3 if epochs else 0.8,
+            label=f"{label} (per step)",
+        )
+        handles.append(line)
+    if epochs:
+        (line,) = ax.plot(
+            [axis.of(p.step, p.time) for p in epochs],
+            [p.value for p in epochs],
+            color=color,
+            linewidth=1.8,
+            label=label if not steps else f"{label} (per epoch)",
+        )
+        handles.append(line)
+    return handles
 
 
 def _choose(all_series: Mapping[str, list[Point]], metrics: Sequence[str] | None) -> list[str]:
@@ -485,7 +501,6 @@ def _draw_strip(
     monitor: Mapping[str, str] | None,
     marked: Sequence[Marked],
     best_x: float | None,
-    line_cls: Any,
 ) -> None:
     """Rows of markers under the panels: saved checkpoints, the best, each recipe's members."""
     rows: list[str] = []
@@ -551,19 +566,21 @@ def _vectorized(func: Any) -> Any:
     return lambda values: np.vectorize(func, otypes=[float])(values)
 
 
-def _inverse(axis: _XAxis) -> Any:
-    """Steps at a number of epochs completed (the inverse of `epochs_at`)."""
+def _piecewise(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Linear interpolation through (xs, ys), extended linearly past both ends.
+
+    Extending (instead of clamping, as `numpy.interp` does) keeps the map
+    invertible over the whole axis, which a secondary axis needs to line up.
+    """
     import numpy as np
 
-    steps, epochs = zip(*axis.epoch_steps, strict=True)
-
-    def step_at(epoch: float) -> float:
-        if epoch > epochs[-1] and len(steps) > 1:
-            per_epoch = (steps[-1] - steps[-2]) / (epochs[-1] - epochs[-2])
-            return float(steps[-1] + (epoch - epochs[-1]) * per_epoch)
-        return float(np.interp(epoch, epochs, steps))
-
-    return step_at
+    if len(xs) < 2:
+        return float(x)
+    if x < xs[0]:
+        return float(ys[0] + (x - xs[0]) * (ys[1] - ys[0]) / (xs[1] - xs[0]))
+    if x > xs[-1]:
+        return float(ys[-1] + (x - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+    return float(np.interp(x, xs, ys))
 
 
 def _short(value: Any) -> str:

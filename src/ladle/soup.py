@@ -52,6 +52,7 @@ from ladle.average import (
     build_plan,
     provenance,
     read_provenance,
+    warn_batchnorm,
     write_average,
 )
 from ladle.errors import ConfigError, EmptySelection, OutputExists
@@ -395,6 +396,7 @@ def _greedy(
     if rank not in ("evaluate", "recorded"):
         raise ConfigError(f"rank={rank!r} is not known; use 'evaluate' or 'recorded'")
     plan = build_plan(members, options)
+    warn_batchnorm(plan)
     scorer = _Scorer(evaluate, model, greedy.metric)
     position = {info.name: i for i, info in enumerate(chosen)}
 

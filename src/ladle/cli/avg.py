@@ -140,7 +140,8 @@ def avg_command(
         return
     record = result.provenance
     console.print(
-        f"averaged {len(record['members'])} checkpoints into {result.path} "
+        f"averaged {len(record['members'])} checkpoint{'s' if len(record['members']) != 1 else ''} "
+        f"into {result.path} "
         f"({record['keys']} tensors, dtype {record['dtype']}, weights {record['weighting']})",
         highlight=False,
         soft_wrap=True,

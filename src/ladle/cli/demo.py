@@ -41,7 +41,7 @@ class _Bar(DemoProgress):
     def output_ready(self, out: str, removed: list[str]) -> None:
         if removed and not self.quiet:
             err_console.print(
-                f"{_shown(out)}: starting a fresh demo run (removed the previous one: {', '.join(removed)})",
+                f"{_shown(out)}: replacing the previous demo's {', '.join(removed)}",
                 highlight=False,
                 markup=False,
             )
@@ -98,11 +98,11 @@ def demo_command(
 
     The manager saves every epoch with EMA on (validation accuracy, macro-F1
     and NLL recorded). Then, on a held-out test split: the last checkpoint,
-    the best one by validation NLL, the EMA weights, the soups last-K, top-K,
-    "improved on any validation metric" and greedy, and a prediction ensemble
-    of the top K. Every number comes from the files the run wrote; a recipe
-    that loses to the best single checkpoint says so. Writes results.json and
-    report.png into --out.
+    the best one by validation NLL, the EMA weights at the end and at their
+    best, the soups last-K, top-K, "improved on any validation metric" and
+    greedy, and a prediction ensemble of the top K. Every number comes from
+    the files the run wrote; a recipe that loses to the best single
+    checkpoint says so. Writes results.json and report.png into --out.
     """
     from ladle.demo.runner import run_demo
 

@@ -54,8 +54,9 @@ def report_command(
     if as_json:
         print_json(result.to_dict())
         return
+    panels = f"{len(result.panels)} panel{'s' if len(result.panels) != 1 else ''}"
     console.print(
-        f"wrote {_shown(result.path)} ({result.width}x{result.height} px): {len(result.panels)} panels "
+        f"wrote {_shown(result.path)} ({result.width}x{result.height} px): {panels} "
         f"({', '.join(result.panels)}), {len(result.checkpoints)} checkpoints"
         + (f", best {result.best}" if result.best else ""),
         highlight=False,

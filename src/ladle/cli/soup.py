@@ -8,9 +8,8 @@ import typer
 from rich.table import Table
 
 from ladle.average import IntPolicy
-from ladle.cli.app import app, console, print_json
+from ladle.cli.app import app, console, fail, print_json
 from ladle.cli.avg import progress_bar
-from ladle.errors import ConfigError
 from ladle.formats import OutputFormat
 from ladle.soup import SoupResult, load_callable, select, soup, weights_for
 
@@ -85,11 +84,10 @@ def soup_command(
     or epoch, --weights weighs them. The soup goes to -o OUT (atomically, with
     its provenance), or into the run as a checkpoint with --into-run.
     """
-    # ConfigError (a LadleError) gives the same one line and exit code 2 as fail().
     if output is None and not into_run and not dry_run:
-        raise ConfigError("give -o OUT, --into-run, or --dry-run")
+        fail("give -o OUT, --into-run, or --dry-run")
     if (model is not None) and evaluate is None:
-        raise ConfigError("--model is only used with --eval")
+        fail("--model is only used with --eval")
     if dry_run:
         _dry_run(run, recipe, window, weights, key, as_json)
         return
@@ -124,9 +122,9 @@ def soup_command(
         result.recipe, [(m.name, m.step, m.epoch, m.metrics) for m in result.members], result.weights
     )
     where = [p for p in (result.path, result.checkpoint.path if result.checkpoint else None) if p]
-    console.print(
-        f"soup of {len(result.members)} checkpoints written to {' and '.join(where)}", highlight=False
-    )
+    count = len(result.members)
+    noun = "checkpoint" if count == 1 else "checkpoints"
+    console.print(f"soup of {count} {noun} written to {' and '.join(where)}", highlight=False)
 
 
 def _summary(result: SoupResult) -> dict[str, Any]:

@@ -201,8 +201,10 @@ class TorchSource(TensorSource):
         self.files = list(files)
         self._tensors: dict[str, torch.Tensor] = {}
         self._mapped = True
-        self._ranges: list[tuple[int, int]] = []
+        self._ranges: list[tuple[int, int, int, str]] = []
         self._contiguous: dict[str, torch.Tensor] = {}
+        self._fds: dict[str, int] = {}
+        self._where: dict[str, tuple[int, int] | None] = {}
         self.skipped: list[str] = []
         self.found_under: str | None = None
         for file in files:
@@ -250,17 +252,52 @@ class TorchSource(TensorSource):
     def ties(self) -> dict[str, str]:
         return dict(self._ties)
 
+    def _locate(self, key: str) -> tuple[int, int] | None:
+        """(fd, file offset) of a contiguous tensor that lies in a file mapping, else None."""
+        if key in self._where:
+            return self._where[key]
+        found = None
+        t = self._tensors[key]
+        if self._mapped and t.is_contiguous() and t.numel():
+            ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+            for lo, hi, offset, path in self._ranges:
+                if lo <= ptr and ptr + nbytes <= hi:
+                    if path not in self._fds:
+                        self._fds[path] = os.open(path, os.O_RDONLY)
+                    found = (self._fds[path], ptr - lo + offset)
+                    break
+        self._where[key] = found
+        return found
+
     def read_block(self, key: str, start: int, count: int, scratch: torch.Tensor | None) -> torch.Tensor:
+        """A block of `key`: read from the file into `scratch` (like safetensors) when
+        the tensor's place in the file is known, so its pages are never mapped in."""
         self._require(key)
         t = self._tensors[key]
-        if not t.is_contiguous():
-            # Rare (a saved view); one contiguous copy, kept until release(key).
-            t = self._contiguous.setdefault(key, t.contiguous())
-        return t.detach().reshape(-1)[start : start + count]
+        where = self._locate(key)
+        if where is None:
+            if not t.is_contiguous():
+                # Rare (a saved view); one contiguous copy, kept until release(key).
+                t = self._contiguous.setdefault(key, t.contiguous())
+            return t.detach().reshape(-1)[start : start + count]
+        fd, offset = where
+        nbytes = count * t.element_size()
+        if scratch is not None and scratch.numel() >= nbytes:
+            buf = scratch[:nbytes]
+        else:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + start * t.element_size() + done)
+            if n <= 0:
+                raise FormatError(f"{self.path}: tensor {key!r} ends early; the file is truncated")
+            done += n
+        return buf.view(t.dtype)
 
     def release_block(self, key: str, start: int, count: int) -> None:
         t = self._tensors.get(key)
-        if t is None or not t.is_contiguous():
+        if t is None or not t.is_contiguous() or self._where.get(key) is not None:
             return
         size = t.element_size()
         self._drop(t.data_ptr() + start * size, count * size)
@@ -287,16 +324,20 @@ class TorchSource(TensorSource):
         hi = (start + nbytes) // page * page
         # Only ever inside this file's own mapping: a tensor made in memory while
         # unpickling (trust=True) must never be advised away.
-        if hi > lo and any(a <= lo and hi <= b for a, b in self._ranges):
+        if hi > lo and any(a <= lo and hi <= b for a, b, _, _ in self._ranges):
             _madvise(lo, hi - lo)
 
     def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
         self._tensors = {}
+        self._contiguous = {}
         self.closed = True
 
 
-def _file_mappings(path: str) -> list[tuple[int, int]]:
-    """Address ranges where this process maps `path` (from /proc/self/maps)."""
+def _file_mappings(path: str) -> list[tuple[int, int, int, str]]:
+    """(start, end, file offset, path) of each place this process maps `path` (/proc/self/maps)."""
     if sys.platform != "linux":
         return []
     real = os.path.realpath(path)
@@ -307,7 +348,7 @@ def _file_mappings(path: str) -> list[tuple[int, int]]:
                 parts = line.split(maxsplit=5)
                 if len(parts) == 6 and parts[5].rstrip("\n") == real:
                     lo, hi = parts[0].split("-")
-                    ranges.append((int(lo, 16), int(hi, 16)))
+                    ranges.append((int(lo, 16), int(hi, 16), int(parts[2], 16), real))
     except OSError:
         return []
     return ranges
