@@ -48,7 +48,7 @@ def test_save_and_resume_restore_every_object(tmp_path: Path) -> None:
         manager.step(3, metrics={"loss": 0.25}, epoch=1)
         info = manager.save()
     assert info.step == 3 and info.epoch == 1 and info.metrics == {"loss": 0.25}
-    assert set(info.files) == {"model.safetensors", "state.pt", "history.json"}
+    assert set(info.files) == {"model.safetensors", "state.pt"}
     assert info.extra["config"] == {"lr": 0.01, "layers": [4, 8, 2]}
 
     fresh = full_state(seed=1)

@@ -32,6 +32,7 @@ from ladle.errors import (
     ManagerClosed,
     StateMismatch,
 )
+from ladle.history import HistoryLog
 from ladle.metrics import Mode
 from ladle.retention import Keep, Policy, prune
 from ladle.rng import capture_rng, restore_rng
@@ -55,7 +56,6 @@ from ladle.triggers import Clock, Event, EveryEpochs, Trigger
 log = logging.getLogger("ladle")
 
 STATE_FILE = "state.pt"
-HISTORY_FILE = "history.json"
 EMA_NAME = "ema"
 _OBJECT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 _RESERVED = {"state", "meta", "history", "manager", "ladle"}
@@ -151,7 +151,6 @@ class CheckpointManager:
                 raise ConfigError(f"config must be JSON-serializable ({exc}); pass plain values") from None
         self.config = dict(config) if config is not None else None
         self.extras: dict[str, Any] = {}
-        self.history: list[dict[str, Any]] = []
         self.global_step = 0
         self.epoch = 0
         self.epoch_complete = False
@@ -171,6 +170,7 @@ class CheckpointManager:
         self.run = Run(run_dir, create=self.is_writer) if self.is_writer else _wait_for_run(run_dir)
         if self.is_writer:
             self.run.acquire()
+        self._history = HistoryLog(self.run, write=self.is_writer)
         if save_on_signal:
             self._install_signal_handlers()
 
@@ -240,6 +240,11 @@ class CheckpointManager:
         return self.run.best(self.monitor, self.mode)
 
     @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every metric reported in this run's lineage: `{kind, step, epoch, time, metrics}`."""
+        return self._history.entries
+
+    @property
     def should_stop(self) -> bool:
         """True once early stopping has decided to stop (or a signal asked to)."""
         es = self.early_stopping
@@ -297,7 +302,7 @@ class CheckpointManager:
             self._metrics_step, self._current_metrics = self.global_step, {}
         self._current_metrics.update(metrics or {})
         if metrics:
-            self.history.append(
+            self._history.append(
                 {
                     "kind": kind,
                     "step": self.global_step,
@@ -383,8 +388,7 @@ class CheckpointManager:
                 _write_safetensors(pending, f"{EMA_NAME}.safetensors", tensors, aliases)
             check_weights_only(payload, f"the state of run {self.run.path}")
             pending.write(STATE_FILE, lambda path: torch.save(payload, path))
-            history = json.dumps(self.history).encode()
-            pending.write(HISTORY_FILE, lambda path: _write_bytes(path, history))
+            self._history.sync()
             return pending.commit(
                 step=self.global_step,
                 epoch=self.epoch,
@@ -396,6 +400,7 @@ class CheckpointManager:
                     "ema": ema_weights is not None,
                     "epoch_complete": self.epoch_complete,
                     "config": self.config,
+                    "history_len": len(self._history),
                 },
             )
         except BaseException:
@@ -588,7 +593,8 @@ class CheckpointManager:
                 restore_rng(payload["rng"])
         else:
             self.global_step, self.epoch, self.epoch_complete = info.step, info.epoch or 0, True
-        self.history = self._read_history(storage, info)
+        same_run = info.path.rsplit("/", 1)[0] == self.run.path
+        self._history.restart_from(info.name if same_run else None, info.extra.get("history_len"))
         epoch = self.epoch + 1 if self.epoch_complete else self.epoch
         log.info("resumed from %s (step %d)", info.name, self.global_step)
         return ResumePoint(
@@ -692,12 +698,6 @@ class CheckpointManager:
         if missing or unexpected:
             log.warning("resume(strict=False): skipping %s", missing + unexpected)
 
-    def _read_history(self, storage: Any, info: CheckpointInfo) -> list[dict[str, Any]]:
-        if HISTORY_FILE not in info.files:
-            return []
-        with storage.open(info.file(HISTORY_FILE), "rb") as handle:
-            return list(json.loads(handle.read()))
-
     def restore_best(self) -> CheckpointInfo | None:
         """Load the best checkpoint's model (and EMA) weights into the live models."""
         self._check_open()
@@ -762,11 +762,6 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item"):
         value = value.item()
     return value if isinstance(value, int | float | str | bool) or value is None else str(value)
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
 
 
 def _write_safetensors(

@@ -2,8 +2,8 @@
 
     ladle.report.plot_run("runs/exp1", "report.png", recipes=["top:5:val_loss:min"])
 
-The metrics come from the run itself: the manager writes the whole history
-(`history.json`) into every checkpoint, so the newest checkpoint's copy covers
+The metrics come from the run itself: the manager appends every reported metric
+to the run's `history.jsonl` (see `ladle.history`), which covers
 the run; a run without one is drawn from the metrics in each `meta.json`.
 
 One panel per metric: names that differ only by a split or variant token
@@ -20,7 +20,6 @@ only when a report is drawn, and drawn without pyplot's global state.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -30,12 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ladle.errors import ConfigError, MissingDependency
+from ladle.history import read_history
 from ladle.metrics import is_finite_number
 from ladle.store import CheckpointInfo, Run
 
 log = logging.getLogger("ladle")
 
-HISTORY_FILE = "history.json"
 X_AXES = ("step", "epoch", "time")
 _VARIANT_TOKENS = ("train", "training", "val", "valid", "validation", "eval", "dev", "test", "ema")
 _SEPARATORS = re.compile(r"[_/.\-]")
@@ -57,22 +56,17 @@ class Point:
 
 
 def load_history(run: Run) -> list[dict[str, Any]]:
-    """The run's metrics history, oldest first: from the newest checkpoint's history.json.
+    """The run's metrics history, oldest first, from the run's `history.jsonl`.
 
     Without one (runs written by other tools), each checkpoint's recorded
     metrics stand in, as epoch-level records.
     """
-    trains = run.checkpoints(kind="train")
-    newest = max(trains, key=lambda c: c.seq) if trains else None
-    if newest is not None and newest.has(HISTORY_FILE):
-        with run.storage.open(newest.file(HISTORY_FILE), "rb") as handle:
-            records = json.loads(handle.read())
-        if isinstance(records, list):
-            return [r for r in records if isinstance(r, dict) and isinstance(r.get("metrics"), dict)]
-        log.warning("%s: not a list of records; using the checkpoints' metrics", newest.file(HISTORY_FILE))
+    records = [r for r in read_history(run) if isinstance(r.get("metrics"), dict)]
+    if records:
+        return records
     return [
         {"kind": "epoch", "step": c.step, "epoch": c.epoch, "time": c.time, "metrics": dict(c.metrics)}
-        for c in trains
+        for c in run.checkpoints(kind="train")
     ]
 
 

@@ -56,7 +56,7 @@ def checkpoint_name(step: int) -> str:
 
 def validate_name(name: str) -> str:
     """A checkpoint name must be a plain directory name that cannot collide with run files."""
-    if not _NAME_RE.match(name) or name in (INDEX_NAME, LOCK_NAME, META_NAME):
+    if not _NAME_RE.match(name) or name in (INDEX_NAME, LOCK_NAME, META_NAME, "history.jsonl"):
         raise ConfigError(
             f"checkpoint name {name!r} is not allowed; use letters, digits and ._+=- "
             "and do not start with a dot"
