@@ -87,6 +87,89 @@ def test_avg_refuses_to_overwrite_without_force(tmp_path: Path, capsys: pytest.C
     assert main(["avg", a, "-o", str(out), "--force"]) == 0
 
 
+def _lightning_ckpt(path: Path, value: float, step: int, last_model_path: str) -> Path:
+    """A .ckpt as Lightning writes it; its callback state differs between two saves of one step."""
+    checkpoint = {
+        "epoch": step // 8 - 1,
+        "global_step": step,
+        "state_dict": {"net.weight": torch.tensor([[value, 2 * value]]), "net.bias": torch.tensor([value])},
+        "callbacks": {"ModelCheckpoint": {"last_model_path": last_model_path}},
+        "optimizer_states": [{"state": {}, "param_groups": []}],
+    }
+    torch.save(checkpoint, path)
+    return path
+
+
+def _lightning_folder(folder: Path) -> Path:
+    folder.mkdir()
+    for epoch, value in enumerate([1.0, 2.0, 6.0]):
+        _lightning_ckpt(folder / f"epoch={epoch}-step={8 * (epoch + 1)}.ckpt", value, 8 * (epoch + 1), "")
+    # save_last=True: the newest checkpoint saved again (same weights, different bytes).
+    _lightning_ckpt(folder / "last.ckpt", 6.0, 24, str(folder / "last.ckpt"))
+    return folder
+
+
+def test_avg_of_a_folder_counts_lightnings_last_ckpt_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = _lightning_folder(tmp_path / "checkpoints")
+    out = tmp_path / "avg.safetensors"
+    with caplog.at_level(logging.INFO, logger="ladle"):
+        assert main(["avg", str(folder), "-o", str(out), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert [Path(m["path"]).name for m in record["members"]] == [
+        "epoch=0-step=8.ckpt",
+        "epoch=1-step=16.ckpt",
+        "epoch=2-step=24.ckpt",
+    ]
+    assert load_file(str(out))["net.bias"].tolist() == [3.0]
+    assert "last.ckpt holds the same weights as" in caplog.text and "counting it once" in caplog.text
+
+
+def test_keep_duplicates_counts_lightnings_last_ckpt_too(tmp_path: Path) -> None:
+    folder = _lightning_folder(tmp_path / "checkpoints")
+    out = tmp_path / "avg.safetensors"
+    assert main(["avg", str(folder), "-o", str(out), "--keep-duplicates"]) == 0
+    assert load_file(str(out))["net.bias"].tolist() == [15.0 / 4]
+
+
+def test_same_weights_named_one_by_one_are_both_counted(tmp_path: Path) -> None:
+    folder = _lightning_folder(tmp_path / "checkpoints")
+    out = tmp_path / "avg.safetensors"
+    named = [str(folder / "epoch=2-step=24.ckpt"), str(folder / "last.ckpt")]
+    assert main(["avg", *named, "-o", str(out)]) == 0
+    assert len(json.loads((tmp_path / "avg.safetensors.json").read_text())["members"]) == 2
+
+
+def test_same_weights_at_different_steps_are_both_counted(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    _lightning_ckpt(folder / "a.ckpt", 1.0, 8, "")
+    _lightning_ckpt(folder / "b.ckpt", 1.0, 16, "")  # e.g. a frozen model: two points of training
+    out = tmp_path / "avg.safetensors"
+    assert main(["avg", str(folder), "-o", str(out)]) == 0
+    assert len(json.loads((tmp_path / "avg.safetensors.json").read_text())["members"]) == 2
+
+
+def test_one_differing_value_is_not_a_duplicate(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    big = torch.zeros(600_000)  # more than one comparison block
+    changed = big.clone()
+    changed[-1] = 1.0
+    torch.save(
+        {"global_step": 8, "state_dict": {"a": big, "b": torch.ones(3), "z": torch.ones(2)}},
+        folder / "x.ckpt",
+    )
+    torch.save(
+        {"global_step": 8, "state_dict": {"a": changed, "b": torch.ones(3), "z": torch.ones(2)}},
+        folder / "y.ckpt",
+    )
+    out = tmp_path / "avg.safetensors"
+    assert main(["avg", str(folder), "-o", str(out)]) == 0
+    assert load_file(str(out))["a"][-1].item() == 0.5
+
+
 @pytest.mark.parametrize(
     ("make", "extra", "message"),
     [

@@ -333,6 +333,54 @@ def test_ambiguous_checkpoint_asks_for_a_key(tmp_path: Path) -> None:
         load_source(tmp_path / "gan.pt")
 
 
+def test_training_pickle_with_a_top_level_tensor_reads_only_the_model(tmp_path: Path) -> None:
+    # A tensor beside the model (an RNG state) must not make the whole dict look like weights.
+    optimizer = {"state": {0: {"exp_avg": torch.ones(2, 2), "step": torch.tensor(3.0)}}, "param_groups": []}
+    checkpoint = {"model": SD, "optimizer": optimizer, "rng": torch.ByteTensor(8), "epoch": 3}
+    torch.save(checkpoint, tmp_path / "train.pt")
+    with load_source(tmp_path / "train.pt") as source:
+        _equal(source, SD)
+        assert source.metadata["epoch"] == 3
+
+
+@pytest.mark.parametrize("key", ["state_dict", "model_state_dict", "module", "state_dict_ema"])
+def test_known_keys_are_unwrapped_beside_top_level_tensors(tmp_path: Path, key: str) -> None:
+    torch.save({key: SD, "step": torch.tensor(10), "scaler": {"scale": torch.tensor(2.0)}}, tmp_path / "w.pt")
+    with load_source(tmp_path / "w.pt") as source:
+        _equal(source, SD)
+
+
+def test_mixed_tensors_and_dicts_of_tensors_ask_for_a_key(tmp_path: Path) -> None:
+    optimizer = {"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": []}
+    torch.save({"net_g": SD, "opt": optimizer, "rng": torch.ByteTensor(8)}, tmp_path / "gan.pt")
+    with pytest.raises(FormatError) as caught:
+        load_source(tmp_path / "gan.pt")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path / 'gan.pt'}: mixes top-level tensors ('rng')")
+    assert "'net_g'" in message and "'opt.state.0'" in message and "key= (--key)" in message
+    with load_source(tmp_path / "gan.pt", key="net_g") as source:
+        _equal(source, SD)
+    with load_source(tmp_path / "gan.pt", key=".") as whole:
+        assert "rng" in whole and "opt.state.0.exp_avg" in whole
+
+
+def test_a_state_dict_with_extra_state_dicts_is_still_one_state_dict(tmp_path: Path) -> None:
+    state = {**SD, "fp8._extra_state": {"scale": torch.ones(1)}}
+    torch.save(state, tmp_path / "w.pt")
+    with load_source(tmp_path / "w.pt") as source:
+        assert sorted(source.keys()) == sorted([*SD, "fp8._extra_state.scale"])
+
+
+def test_inspect_and_export_of_a_training_pickle_leave_the_optimizer_out(tmp_path: Path) -> None:
+    from ladle.export import export_weights
+
+    optimizer = {"state": {0: {"exp_avg": torch.ones(2, 2)}}, "param_groups": [{"lr": 0.1}]}
+    torch.save({"model": SD, "optimizer": optimizer, "rng": torch.ByteTensor(8)}, tmp_path / "train.pt")
+    export_weights(tmp_path / "train.pt", tmp_path / "weights.safetensors")
+    assert sorted(load_file(str(tmp_path / "weights.safetensors"))) == sorted(SD)
+
+
 def test_pickle_without_tensors_is_a_format_error(tmp_path: Path) -> None:
     torch.save({"epoch": 3}, tmp_path / "w.pt")
     with pytest.raises(FormatError, match=r"w\.pt: holds no state dict \(a dict\)"):
@@ -476,6 +524,48 @@ def test_ladle_checkpoint_with_a_replaced_file_is_corrupt(tmp_path: Path) -> Non
     folder = _ladle_checkpoint(tmp_path / "run")
     save_file({"x": torch.ones(1)}, str(folder / "model.safetensors"))
     with pytest.raises(CorruptCheckpoint, match=r"model\.safetensors: \d+ bytes but meta\.json recorded"):
+        load_source(folder)
+
+
+def _sharded_ladle_checkpoint(run_dir: Path, state: dict[str, torch.Tensor]) -> Path:
+    """A Trainer-style folder with sharded weights, recorded in place as a ladle checkpoint."""
+    folder = run_dir / "checkpoint-2"
+    folder.mkdir(parents=True)
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[:1], "model-00002-of-00002.safetensors": keys[1:]}
+    for shard, names in shards.items():
+        save_file({k: state[k] for k in names}, str(folder / shard))
+    index = {"metadata": {}, "weight_map": {k: shard for shard, names in shards.items() for k in names}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    run = Run(run_dir, create=True).acquire()
+    run.adopt("checkpoint-2", step=2, epoch=0, metrics={"eval_loss": 1.0})
+    run.release()
+    return folder
+
+
+def test_ladle_checkpoint_with_sharded_model_weights(tmp_path: Path) -> None:
+    folder = _sharded_ladle_checkpoint(tmp_path / "run", SD)
+    meta = json.loads((folder / "meta.json").read_text())
+    with load_source(folder) as source, load_source(folder, key="model") as same:
+        assert source.format == "ladle"
+        assert source.step == 2 and source.metadata["name"] == "checkpoint-2"
+        assert len(source.files) == 3
+        assert source.metadata["files_sha256"] == {
+            name: record["sha256"] for name, record in meta["files"].items() if name.startswith("model")
+        }
+        _equal(source, SD)
+        _equal(same, SD)
+
+
+def test_ladle_checkpoint_with_a_replaced_shard_is_corrupt(tmp_path: Path) -> None:
+    folder = _sharded_ladle_checkpoint(tmp_path / "run", SD)
+    shard = folder / "model-00002-of-00002.safetensors"
+    save_file(
+        {k: torch.cat([v.reshape(-1), v.reshape(-1)]) for k, v in load_file(str(shard)).items()}, str(shard)
+    )
+    with pytest.raises(
+        CorruptCheckpoint, match=r"model-00002-of-00002\.safetensors: \d+ bytes but meta\.json"
+    ):
         load_source(folder)
 
 

@@ -394,6 +394,29 @@ def test_ladle_avg_of_plain_lightning_ckpt_files_loads_into_the_module(tmp_path:
     module.load_state_dict(averaged)  # keys keep the LightningModule's attribute prefix ("net.")
 
 
+def test_ladle_avg_counts_last_ckpt_of_save_last_once(tmp_path: Path, caplog: Any) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    saver = L.callbacks.ModelCheckpoint(dirpath=checkpoints, save_top_k=-1, every_n_epochs=1, save_last=True)
+    tr = trainer(tmp_path, [saver], max_epochs=3)
+    tr.fit(Regressor(), *loaders())
+    files = sorted(checkpoints.glob("epoch=*.ckpt"))
+    assert len(files) == 3 and (checkpoints / "last.ckpt").is_file()
+    states = [torch.load(f, weights_only=True)["state_dict"] for f in files]
+
+    with caplog.at_level(logging.INFO, logger="ladle"):
+        assert main(["avg", str(checkpoints), "-o", str(tmp_path / "avg.safetensors")]) == 0
+    assert "last.ckpt holds the same weights as" in caplog.text
+
+    averaged = load_file(tmp_path / "avg.safetensors")
+    torch.testing.assert_close(averaged, {k: sum(s[k] for s in states) / 3 for k in states[0]})
+    provenance = json.loads((tmp_path / "avg.safetensors.json").read_text())
+    assert [Path(m["path"]).name for m in provenance["members"]] == [f.name for f in files]
+
+    argv = ["avg", str(checkpoints), "-o", str(tmp_path / "all.safetensors"), "--keep-duplicates"]
+    assert main(argv) == 0
+    assert len(json.loads((tmp_path / "all.safetensors.json").read_text())["members"]) == 4
+
+
 # -- both import names, missing packages ------------------------------------------------
 
 

@@ -324,6 +324,68 @@ def test_soup_of_a_plain_trainer_output_directory(tmp_path: Path) -> None:
     torch.testing.assert_close({k: loaded[k] for k in expected}, expected)
 
 
+def _lowest_eval_loss(output_dir: Path, k: int) -> list[str]:
+    """The k checkpoints with the lowest eval_loss, read from the newest trainer_state.json."""
+    newest = max(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    history = json.loads((newest / "trainer_state.json").read_text())["log_history"]
+    losses = {e["step"]: e["eval_loss"] for e in history if "eval_loss" in e}
+    return [f"checkpoint-{step}" for step in sorted(losses, key=lambda s: (losses[s], s))[:k]]
+
+
+def test_cli_soup_of_a_plain_trainer_output_directory(tmp_path: Path) -> None:
+    from ladle.cli.main import main
+
+    out = tmp_path / "out"
+    train(out, [])
+    best = _lowest_eval_loss(out, 2)
+    assert main(["soup", str(out), "--recipe", "top:2:eval_loss:min", "-o", str(tmp_path / "soup")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "soup")
+    expected = mean([weights(out / name) for name in best])
+    loaded = model.state_dict()
+    torch.testing.assert_close({k: loaded[k] for k in expected}, expected)
+
+
+def test_cli_avg_of_a_trainer_output_directory_averages_its_checkpoints(tmp_path: Path) -> None:
+    from ladle.average import read_provenance
+    from ladle.cli.main import main
+
+    trainer, _ = train(tmp_path / "out", [])
+    trainer.save_model()  # the final model.safetensors beside the checkpoint folders
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    target = tmp_path / "avg.safetensors"
+    assert main(["avg", str(tmp_path / "out"), "-o", str(target)]) == 0
+    record = read_provenance(target)
+    assert record is not None
+    assert [os.path.basename(m["path"]) for m in record["members"]] == [
+        f"checkpoint-{s}" for s in (2, 4, 6, 8)
+    ]
+    expected = mean([weights(tmp_path / "out" / f"checkpoint-{s}") for s in (2, 4, 6, 8)])
+    torch.testing.assert_close(load_file(target), expected)
+
+
+def test_soup_of_sharded_trainer_checkpoints_in_a_ladle_run(tmp_path: Path) -> None:
+    from ladle.integrations._saving import RunWriter
+    from ladle.rules import SaveRules
+    from ladle.soup import soup
+
+    run = tmp_path / "run"
+    states = []
+    for seed, name in ((0, "checkpoint-2"), (1, "checkpoint-4")):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(tiny_gpt2().config)
+        model.save_pretrained(run / name, max_shard_size="20KB")
+        assert (run / name / "model.safetensors.index.json").is_file()
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    writer = RunWriter(str(run), SaveRules())
+    writer.record("checkpoint-2", step=2, epoch=0, metrics={})
+    writer.record("checkpoint-4", step=4, epoch=0, metrics={})
+    writer.close()
+    soup(run, "last:2", output=tmp_path / "soup.safetensors")
+    averaged = load_file(tmp_path / "soup.safetensors")
+    assert "transformer.wte.weight" in averaged
+    torch.testing.assert_close(averaged, {k: (states[0][k] + states[1][k]) / 2 for k in averaged})
+
+
 def test_trainer_checkpoints_skips_a_folder_without_state(tmp_path: Path, caplog: Any) -> None:
     train(tmp_path, [], max_steps=2, eval_strategy="no")
     (tmp_path / "checkpoint-9").mkdir()

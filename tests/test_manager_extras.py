@@ -30,7 +30,9 @@ def test_the_ema_is_saved_as_its_own_weights_file_and_resumes_exactly(tmp_path: 
     fresh = tiny_model(seed=9).eval()
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1)
     fresh_ema = ladle.EMA(fresh, decay=0.9)
-    with ladle.CheckpointManager(tmp_path / "run", model=fresh, optimizer=fresh_opt, ema=fresh_ema) as manager:
+    with ladle.CheckpointManager(
+        tmp_path / "run", model=fresh, optimizer=fresh_opt, ema=fresh_ema
+    ) as manager:
         manager.resume()
     for step in range(4, 6):
         train_steps(model, optimizer, 1, seed=step)
@@ -68,7 +70,9 @@ def test_manager_soup_into_the_run_it_is_writing(tmp_path: Path) -> None:
 def test_a_running_soup_is_kept_up_to_date_after_each_save(tmp_path: Path) -> None:
     model = tiny_model()
     out = tmp_path / "running.safetensors"
-    with ladle.CheckpointManager(tmp_path / "run", model=model, running_soup=RunningSoup("last:2", out)) as manager:
+    with ladle.CheckpointManager(
+        tmp_path / "run", model=model, running_soup=RunningSoup("last:2", out)
+    ) as manager:
         for step in range(1, 5):
             with torch.no_grad():
                 model[0].weight.fill_(float(step))

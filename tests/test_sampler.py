@@ -80,5 +80,10 @@ def test_the_sampler_alone_resumes_with_a_plain_dataloader() -> None:
     fresh = ladle.ResumableSampler(17, shuffle=True, seed=4)
     fresh.load_state_dict(sampler.state_dict())
     rest = [b.tolist() for b in torch.utils.data.DataLoader(list(range(17)), batch_size=3, sampler=fresh)]
-    full = [b.tolist() for b in torch.utils.data.DataLoader(list(range(17)), batch_size=3, sampler=ladle.ResumableSampler(17, seed=4))]
+    full = [
+        b.tolist()
+        for b in torch.utils.data.DataLoader(
+            list(range(17)), batch_size=3, sampler=ladle.ResumableSampler(17, seed=4)
+        )
+    ]
     assert first + rest == full

@@ -488,3 +488,53 @@ def test_running_top_k_waits_for_the_metric(tmp_path: Path) -> None:
     pending.commit(step=1)
     assert RunningSoup("top:2", tmp_path / "s.safetensors").update(run) is None
     run.release()
+
+
+# -- sharded weights in a run --------------------------------------------------------------------------
+
+
+def _sharded_checkpoint(run: Run, name: str, step: int, state: dict[str, torch.Tensor]) -> None:
+    """A Trainer-style folder with `model-0000x-of-00002.safetensors` + index, recorded in place."""
+    folder = Path(run.path) / name
+    folder.mkdir()
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[:1], "model-00002-of-00002.safetensors": keys[1:]}
+    for shard, names in shards.items():
+        save_file({k: state[k] for k in names}, str(folder / shard))
+    weight_map = {k: shard for shard, names in shards.items() for k in names}
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    run.adopt(name, step=step, epoch=0, metrics={})
+
+
+def test_checkpoints_with_sharded_weights_are_candidates(tmp_path: Path) -> None:
+    run = Run(tmp_path / "run", create=True).acquire()
+    states = [{"a": torch.full((2,), v), "b": torch.full((3,), -v)} for v in (1.0, 3.0, 8.0)]
+    for i, state in enumerate(states, start=1):
+        _sharded_checkpoint(run, f"checkpoint-{2 * i}", 2 * i, state)
+    run.release()
+    out = tmp_path / "soup.safetensors"
+    result = soup(Run(run.path), "last:2", output=out)
+    assert [m.name for m in result.members] == ["checkpoint-4", "checkpoint-6"]
+    soup_state = load_file(str(out))
+    assert soup_state["a"].tolist() == [5.5, 5.5] and soup_state["b"].tolist() == [-5.5] * 3
+    record = read_provenance(out)
+    assert record is not None
+    assert sorted(record["members"][0]["files"]) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
+
+
+def test_running_soup_follows_a_run_with_sharded_weights(tmp_path: Path) -> None:
+    out = tmp_path / "running.safetensors"
+    running = RunningSoup("last:2", out)
+    run = Run(tmp_path / "run", create=True).acquire()
+    for i, value in enumerate([1.0, 3.0], start=1):
+        _sharded_checkpoint(run, f"checkpoint-{i}", i, {"a": torch.tensor([value]), "b": torch.tensor([0.0])})
+        assert running.update(run) is not None
+        assert running.update(run) is None
+    run.release()
+    assert load_file(str(out))["a"].tolist() == [2.0]

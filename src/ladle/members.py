@@ -4,17 +4,23 @@ Rules:
 - a glob expands to its matches, in natural order (`ckpt_9` before `ckpt_10`);
 - a ladle run folder expands to its committed training checkpoints, oldest first;
   `RUN@REF` names one of them (a name, a step, "latest" or "best");
+- a transformers Trainer output directory (`checkpoint-<step>/` folders with a
+  `trainer_state.json`) expands to those folders, in step order;
 - a checkpoint or model folder (ladle `meta.json`, transformers files) is one member;
 - any other folder expands to the checkpoint files directly inside it;
 - the same file named twice, or two hard links to one file (best/last copies),
-  counts once, with a notice; different files with identical contents are
-  both kept, with a notice.
+  counts once, with a notice;
+- files of one expanded folder that hold the same weights at the same step
+  (Lightning's `last.ckpt`, saved again beside the newest `epoch=...ckpt`) count
+  once, with a notice; different files with identical contents named one by
+  one are both kept, with a notice. `dedupe=False` keeps every duplicate.
 """
 
 from __future__ import annotations
 
 import glob
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,6 +36,7 @@ from ladle.formats.load import HF_WEIGHT_FILES
 from ladle.formats.torch_io import is_torch_file
 from ladle.storage import LocalStorage
 from ladle.store import INDEX_NAME, META_NAME, CheckpointInfo, Run, sha256_file
+from ladle.trainer_dirs import is_trainer_output, trainer_checkpoints
 
 log = logging.getLogger("ladle")
 
@@ -105,40 +112,41 @@ def _is_weight_file(name: str) -> bool:
 
 def expand(inputs: Iterable[str | os.PathLike[str]]) -> list[str]:
     """Paths (globs, folders, runs, `RUN@REF`) as a flat list of loadable paths."""
-    out: list[str] = []
-    for item in inputs:
-        text = os.fspath(item)
-        if os.path.exists(text):
-            out.extend(_expand_existing(text))
-            continue
-        run_path, at, ref = text.rpartition("@")
-        if at and run_path and is_run_dir(run_path):
-            run = Run(run_path)
-            out.append(run.get(int(ref) if ref.isdigit() else ref).path)
-            continue
-        if _GLOB_CHARS.search(text):
-            matches = sorted(glob.glob(text, recursive=True), key=natural_key)
-            if not matches:
-                raise CheckpointNotFound(f"{text}: the pattern matches nothing")
-            for match in matches:
-                out.extend(_expand_existing(match))
-            continue
-        raise CheckpointNotFound(f"{text}: no such file, folder or run checkpoint")
-    return out
+    return [path for item in inputs for path, _ in _expand_one(os.fspath(item))]
 
 
-def _expand_existing(path: str) -> list[str]:
+def _expand_one(text: str) -> list[tuple[str, str | None]]:
+    """Loadable paths of one input, each with the folder it was listed from (None when the
+    path was named, matched by a glob, or is a checkpoint of a run or Trainer output)."""
+    if os.path.exists(text):
+        return _expand_existing(text)
+    run_path, at, ref = text.rpartition("@")
+    if at and run_path and is_run_dir(run_path):
+        run = Run(run_path)
+        return [(run.get(int(ref) if ref.isdigit() else ref).path, None)]
+    if _GLOB_CHARS.search(text):
+        matches = sorted(glob.glob(text, recursive=True), key=natural_key)
+        if not matches:
+            raise CheckpointNotFound(f"{text}: the pattern matches nothing")
+        return [item for match in matches for item in _expand_existing(match)]
+    raise CheckpointNotFound(f"{text}: no such file, folder or run checkpoint")
+
+
+def _expand_existing(path: str) -> list[tuple[str, str | None]]:
     if not os.path.isdir(path):
-        return [path]
+        return [(path, None)]
     if os.path.isfile(os.path.join(path, META_NAME)):
-        return [path]
-    if any(os.path.isfile(os.path.join(path, f)) for f in HF_WEIGHT_FILES):
-        return [path]
+        return [(path, None)]
     if is_run_dir(path):
         checkpoints = [c for c in Run(path).checkpoints() if c.kind == "train"]
         if not checkpoints:
             raise CheckpointNotFound(f"{path}: the run has no committed training checkpoints")
-        return [c.path for c in checkpoints]
+        return [(c.path, None) for c in checkpoints]
+    if is_trainer_output(path):
+        # Its checkpoint-<step>/ folders, not the final model save_model() may have put beside them.
+        return [(c.path, None) for c in trainer_checkpoints(path)]
+    if any(os.path.isfile(os.path.join(path, f)) for f in HF_WEIGHT_FILES):
+        return [(path, None)]
     files = sorted(
         (os.path.join(path, n) for n in os.listdir(path) if _is_weight_file(n)),
         key=natural_key,
@@ -148,7 +156,7 @@ def _expand_existing(path: str) -> list[str]:
         raise CheckpointNotFound(
             f"{path}: no checkpoint files (.safetensors, .pt, .pth, .bin, .ckpt) in this folder"
         )
-    return files
+    return [(f, path) for f in files]
 
 
 InputLike = str | os.PathLike[str] | TensorSource | Mapping[str, torch.Tensor] | Member | CheckpointInfo
@@ -159,6 +167,7 @@ def member_from_source(source: TensorSource, *, label: str | None = None) -> Mem
     meta = source.metadata
     epoch = meta.get("epoch")
     metrics = meta.get("metrics")
+    hashes = meta.get("files_sha256") if source.format == "ladle" else None
     return Member(
         source=source,
         label=label or source.path,
@@ -167,6 +176,7 @@ def member_from_source(source: TensorSource, *, label: str | None = None) -> Mem
         metrics=dict(metrics) if isinstance(metrics, dict) else {},
         name=meta.get("name") if source.format == "ladle" else None,
         sha256=source.sha256,
+        file_hashes=dict(hashes) if isinstance(hashes, dict) else {},
     )
 
 
@@ -185,6 +195,7 @@ def open_members(
     recorded already (ladle checkpoints record theirs), for provenance.
     """
     members: list[Member] = []
+    listed_from: dict[int, str] = {}  # id(member) -> the folder its file was listed from
     try:
         for item in inputs:
             if isinstance(item, Member):
@@ -200,15 +211,18 @@ def open_members(
                 label = f"<state dict {len(members) + 1}>"
                 members.append(member_from_source(DictSource(item, path=label)))
             elif isinstance(item, str | os.PathLike):
-                for path in expand([item]):
+                for path, folder in _expand_one(os.fspath(item)):
                     source = load_source(path, key=key, strip_prefix=strip_prefix, trust=trust)
                     members.append(member_from_source(source))
+                    if folder is not None:
+                        listed_from[id(members[-1])] = folder
             else:
                 raise ConfigError(
                     f"cannot average a {type(item).__name__}; pass paths, state dicts or TensorSources"
                 )
         if dedupe:
             members = _dedupe(members)
+            members = _drop_same_weights(members, listed_from)
         if hash_files:
             # hashlib releases the GIL: files hash side by side.
             with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
@@ -261,9 +275,96 @@ def _dedupe(members: list[Member]) -> list[Member]:
     return kept
 
 
+_LAST_CKPT = re.compile(r"^last(-v\d+)?\.ckpt$")
+"""Lightning's `ModelCheckpoint(save_last=True)` names: a second save of the newest checkpoint."""
+_BLOCK = 1 << 20
+
+
+def _drop_same_weights(members: list[Member], listed_from: Mapping[int, str]) -> list[Member]:
+    """Members listed from one folder that hold the same weights at the same step count once.
+
+    A cheap fingerprint (step, keys, shapes, dtypes, the first bytes of two
+    tensors) finds the candidates; only those are compared in full, block by
+    block. Of two equal ones the first listed stays, except that Lightning's
+    `last.ckpt` is the one left out.
+    """
+    groups: dict[tuple[Any, ...], list[Member]] = {}
+    for member in members:
+        folder = listed_from.get(id(member))
+        if folder is not None:
+            groups.setdefault((folder, *_fingerprint(member)), []).append(member)
+    dropped: set[int] = set()
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        kept: list[Member] = []
+        # Stable: Lightning's last*.ckpt goes last, so its twin is the one kept.
+        for member in sorted(group, key=lambda m: bool(_LAST_CKPT.match(os.path.basename(m.label)))):
+            twin = next((k for k in kept if _same_weights(k.source, member.source)), None)
+            if twin is None:
+                kept.append(member)
+                continue
+            log.warning(
+                "%s holds the same weights as %s (step %s); counting it once (--keep-duplicates counts both)",
+                member.label,
+                twin.label,
+                member.step if member.step is not None else "unknown",
+            )
+            dropped.add(id(member))
+    if not dropped:
+        return members
+    for member in members:
+        if id(member) in dropped:
+            member.close()
+    return [m for m in members if id(m) not in dropped]
+
+
+def _fingerprint(member: Member) -> tuple[Any, ...]:
+    source = member.source
+    keys = tuple(source.keys())
+    infos = tuple((tuple(i.shape), i.dtype) for i in (source.info(k) for k in keys))
+    samples = []
+    filled = [k for k, (shape, _) in zip(keys, infos, strict=True) if math.prod(shape) > 0]
+    for key in dict.fromkeys(filled[:1] + filled[-1:]):
+        count = min(math.prod(source.info(key).shape), 512)
+        samples.append(bytes(_as_bytes(source.read_block(key, 0, count, None)).numpy()))
+    return (member.step, keys, infos, tuple(samples))
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    flat = tensor.reshape(-1).contiguous()
+    return flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
+
+
+def _same_weights(a: TensorSource, b: TensorSource) -> bool:
+    """Whether two sources (same keys, shapes, dtypes) hold bit-identical tensors and ties."""
+    if a.ties() != b.ties():
+        return False
+    ties = a.ties()
+    scratch_a = torch.empty(_BLOCK, dtype=torch.uint8)
+    scratch_b = torch.empty(_BLOCK, dtype=torch.uint8)
+    for key in a:
+        if key in ties:
+            continue
+        info = a.info(key)
+        total = info.numel
+        per = max(1, _BLOCK // max(info.dtype.itemsize, 1))
+        try:
+            for start in range(0, total, per):
+                count = min(per, total - start)
+                x = _as_bytes(a.read_block(key, start, count, scratch_a))
+                y = _as_bytes(b.read_block(key, start, count, scratch_b))
+                if not torch.equal(x, y):
+                    return False
+        finally:
+            a.release(key)
+            b.release(key)
+    return True
+
+
 def _hash(member: Member) -> None:
     files = member.source.files
-    if member.sha256 is not None or not files:
+    if member.sha256 is not None or not files or len(member.file_hashes) == len(files):
         return
     storage = LocalStorage()
     if len(files) == 1:

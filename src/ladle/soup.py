@@ -8,6 +8,12 @@
 Recipes are described in `ladle.recipes`, weights in `ladle.weights`. Without
 `output` or `into_run` the soup stays in memory (`result.state_dict`).
 
+`run` may also be a transformers Trainer output directory that is not a ladle
+run (`checkpoint-<step>/` folders with `trainer_state.json`): its checkpoints
+and their metrics come from `trainer_state.json`, and an `output` without a
+weights suffix is a folder that `from_pretrained` loads (`model.safetensors`
+plus the newest member's config and tokenizer files).
+
 Keeping a soup up to date during training: `RunningSoup(recipe, output)`;
 call `running.update(run)` after each committed checkpoint (the
 CheckpointManager does when given `running_soup=`). It recomputes the soup
@@ -26,6 +32,7 @@ so each candidate is read once; each step is logged and returned in
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -57,11 +64,19 @@ from ladle.average import (
 )
 from ladle.errors import ConfigError, EmptySelection, OutputExists
 from ladle.formats import load_source, save_tensors, sidecar_path
-from ladle.formats.write import check_destination, output_format, write_json, write_safetensors
-from ladle.members import Member, close_members, member_from_source
+from ladle.formats.load import ladle_weights_file
+from ladle.formats.write import (
+    OutputFormat,
+    check_destination,
+    output_format,
+    write_json,
+    write_safetensors,
+)
+from ladle.members import Member, close_members, is_run_dir, member_from_source, open_members
 from ladle.metrics import Mode, is_finite_number
 from ladle.recipes import Greedy, Recipe, Top, Window, parse_recipe
 from ladle.store import CheckpointInfo, Run
+from ladle.trainer_dirs import TrainerOutput, copy_model_files, is_trainer_output
 from ladle.weights import Uniform, Weighting, WeightsLike, parse_weights
 
 log = logging.getLogger("ladle")
@@ -103,6 +118,8 @@ class SoupResult:
     """The record stored with the soup."""
     path: str | None = None
     """The output file, when one was written."""
+    folder: str | None = None
+    """The `from_pretrained` folder holding `path`, for a soup of a Trainer output directory."""
     checkpoint: CheckpointInfo | None = None
     """The new checkpoint, with `into_run=True`."""
     state_dict: dict[str, torch.Tensor] | None = None
@@ -113,28 +130,43 @@ class SoupResult:
     """The greedy soup's held-out score."""
 
 
-def _open_run(run: Run | str | os.PathLike[str]) -> Run:
-    return run if isinstance(run, Run) else Run(run)
+RunLike = Run | TrainerOutput
+"""What soups choose from: a ladle run, or a Trainer output directory read as one."""
 
 
-def candidates(run: Run, key: str | None) -> list[CheckpointInfo]:
+def _open_run(run: Run | TrainerOutput | str | os.PathLike[str]) -> RunLike:
+    if isinstance(run, Run | TrainerOutput):
+        return run
+    text = os.fspath(run)
+    if is_trainer_output(text) and not is_run_dir(text):
+        return TrainerOutput(text)
+    return Run(run)
+
+
+def _has_weights(info: CheckpointInfo, key: str | None) -> bool:
+    # `<key>.safetensors`; for the model, also transformers' names (a recorded Trainer folder's shards).
+    return ladle_weights_file(info.files, key) is not None
+
+
+def candidates(run: RunLike, key: str | None) -> list[CheckpointInfo]:
     """The run's training checkpoints that hold the weights file `key` asks for."""
-    filename = f"{key or 'model'}.safetensors"
     history = run.checkpoints(kind="train")
-    usable = [c for c in history if c.has(filename)]
+    if isinstance(run, TrainerOutput):
+        return history  # every listed Trainer checkpoint holds model weights
+    usable = [c for c in history if _has_weights(c, key)]
     if len(usable) < len(history):
         log.warning(
             "%s: %d of %d checkpoints have no %s; leaving them out",
             run.path,
             len(history) - len(usable),
             len(history),
-            filename,
+            f"{key or 'model'}.safetensors",
         )
     return usable
 
 
 def select(
-    run: Run | str | os.PathLike[str],
+    run: RunLike | str | os.PathLike[str],
     recipe: str | Recipe,
     *,
     window: str | Window | None = None,
@@ -168,15 +200,43 @@ def weights_for(chosen: Sequence[CheckpointInfo], weights: WeightsLike) -> tuple
     return weighting, weighting([_Weighed(c.path, c.step, c.metrics) for c in chosen])
 
 
-def _open(chosen: Sequence[CheckpointInfo], key: str | None) -> list[Member]:
+def _open(chosen: Sequence[CheckpointInfo], key: str | None, *, hash_files: bool = False) -> list[Member]:
     members: list[Member] = []
     try:
         for info in chosen:
-            members.append(member_from_source(load_source(info.path, key=key), label=info.path))
+            member = member_from_source(load_source(info.path, key=key), label=info.path)
+            # The run's record names the checkpoint (a Trainer folder's own metadata does not).
+            member.name, member.step, member.epoch = info.name, info.step, info.epoch
+            member.metrics = dict(info.metrics)
+            members.append(member)
+        if hash_files:
+            members = open_members(members, dedupe=False, hash_files=True)
     except BaseException:
         close_members(members)
         raise
     return members
+
+
+def _origin(run: RunLike) -> dict[str, str]:
+    return {"trainer_output": run.path} if isinstance(run, TrainerOutput) else {"run": run.path}
+
+
+def _folder_output(run: RunLike, output: str | os.PathLike[str] | None) -> bool:
+    """Whether `output` names a `from_pretrained` folder: for a Trainer output directory, an
+    existing folder or a name without a weights file suffix."""
+    if output is None or not isinstance(run, TrainerOutput):
+        return False
+    text = os.fspath(output)
+    return os.path.isdir(text) or not text.lower().endswith((".safetensors", *_TORCH_NAMES))
+
+
+_TORCH_NAMES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+
+
+def _weights_name(format: str | None) -> str:
+    """transformers' file name for the soup's weights in a `from_pretrained` folder."""
+    torch_format = format is not None and OutputFormat(format) is OutputFormat.TORCH
+    return "pytorch_model.bin" if torch_format else "model.safetensors"
 
 
 def _slug(recipe: str) -> str:
@@ -184,7 +244,7 @@ def _slug(recipe: str) -> str:
 
 
 def soup(
-    run: Run | str | os.PathLike[str],
+    run: RunLike | str | os.PathLike[str],
     recipe: str | Recipe = "uniform",
     *,
     output: str | os.PathLike[str] | None = None,
@@ -215,8 +275,21 @@ def soup(
     (`"ema"` averages the EMA weights). Greedy recipes need `evaluate`
     (called with the model built by `model`, loaded with the soup, or with the
     state dict when no model is given).
+
+    `run` may be a transformers Trainer output directory that is not a ladle
+    run: recipes choose among its `checkpoint-<step>/` folders with the metrics
+    of their `trainer_state.json`, and an `output` without a weights suffix
+    (`.safetensors`, `.pt`, ...) is a folder that `from_pretrained` loads:
+    `model.safetensors` (`pytorch_model.bin` with `format="torch"`), its
+    provenance, and the newest member's config and tokenizer files
+    (`result.folder`). `into_run` needs a ladle run.
     """
     the_run = _open_run(run)
+    if into_run and isinstance(the_run, TrainerOutput):
+        raise ConfigError(
+            f"{the_run.path}: a Trainer output directory, not a ladle run, so into_run (--into-run) "
+            "has nowhere to commit; write the soup with output= (-o), or record training with LadleCallback()"
+        )
     options = AverageOptions(
         dtype=dtype,  # type: ignore[arg-type]
         accumulate=accumulate,  # type: ignore[arg-type]
@@ -226,12 +299,71 @@ def soup(
     parsed = parse_recipe(recipe, window)
     if parsed.select.needs_evaluate and evaluate is None:
         raise ConfigError(f"recipe {parsed} needs evaluate= (--eval module:function) to score each soup")
+    folder: str | None = None
+    if _folder_output(the_run, output):
+        assert output is not None
+        output_format("model", format)
+        folder = os.path.abspath(os.fspath(output))
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            raise OutputExists(f"{folder}: exists and is not a folder; name a folder for the soup")
+        output = os.path.join(folder, _weights_name(format))
     if output is not None:
         output_format(output, format)
-        check_destination(output, force=force)
-        check_destination(sidecar_path(os.path.abspath(os.fspath(output))), force=force)
+        if folder is None or os.path.isdir(folder):
+            check_destination(output, force=force)
+            check_destination(sidecar_path(os.path.abspath(os.fspath(output))), force=force)
     parsed, chosen = select(the_run, parsed, key=key)
-    members = _open(chosen, key)
+    made_folder = folder is not None and not os.path.isdir(folder)
+    if folder is not None:
+        os.makedirs(folder, exist_ok=True)
+    try:
+        result = _soup_of(
+            the_run,
+            parsed,
+            chosen,
+            options,
+            weights=weights,
+            evaluate=evaluate,
+            model=model,
+            rank=rank,
+            key=key,
+            output=output,
+            format=format,
+            force=force,
+            into_run=into_run,
+            name=name,
+            progress=progress,
+        )
+    except BaseException:
+        if made_folder and folder is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only when still empty
+        raise
+    if folder is not None:
+        copy_model_files(_newest(result).path, folder)
+        result.folder = folder
+    return result
+
+
+def _soup_of(
+    the_run: RunLike,
+    parsed: Recipe,
+    chosen: list[CheckpointInfo],
+    options: AverageOptions,
+    *,
+    weights: WeightsLike,
+    evaluate: Evaluate | None,
+    model: ModelLike | None,
+    rank: str,
+    key: str | None,
+    output: str | os.PathLike[str] | None,
+    format: str | None,
+    force: bool,
+    into_run: bool,
+    name: str | None,
+    progress: Progress | None,
+) -> SoupResult:
+    members = _open(chosen, key, hash_files=isinstance(the_run, TrainerOutput))
     try:
         if isinstance(parsed.select, Greedy):
             if not isinstance(parse_weights(weights), Uniform):
@@ -271,7 +403,7 @@ def soup(
 
 
 def _plain(
-    run: Run,
+    run: RunLike,
     recipe: Recipe,
     chosen: list[CheckpointInfo],
     members: list[Member],
@@ -287,7 +419,7 @@ def _plain(
 ) -> SoupResult:
     text = str(recipe)
     weighting = parse_weights(weights)
-    extra = {"run": run.path}
+    extra = _origin(run)
     if output is not None:
         written = write_average(
             members,
@@ -376,7 +508,7 @@ class _Scorer:
 
 
 def _greedy(
-    run: Run,
+    run: RunLike,
     recipe: Recipe,
     chosen: list[CheckpointInfo],
     members: list[Member],
@@ -471,7 +603,7 @@ def _greedy(
         recipe=str(recipe),
         weighting="uniform",
         extra={
-            "run": run.path,
+            **_origin(run),
             "greedy": [asdict(s) for s in steps],
             "score": {greedy.metric: soup_score},
             "rank": rank,
@@ -518,12 +650,14 @@ def _newest(result: SoupResult) -> CheckpointInfo:
 
 
 def _commit(
-    run: Run,
+    run: RunLike,
     write: Callable[[str], None],
     result: SoupResult,
     name: str | None,
     metrics: Mapping[str, float] | None = None,
 ) -> CheckpointInfo:
+    if not isinstance(run, Run):
+        raise ConfigError(f"{run.path}: not a ladle run; a soup can be committed only into a run")
     newest = _newest(result)
     chosen_name = name or f"soup-{_slug(result.recipe)}-{newest.step:09d}"
     own_lock = not run.writable
@@ -552,7 +686,7 @@ def _commit(
 
 
 def _commit_state(
-    run: Run,
+    run: RunLike,
     state: Mapping[str, torch.Tensor],
     result: SoupResult,
     name: str | None,
@@ -562,7 +696,7 @@ def _commit_state(
     return _commit(run, lambda path: write_safetensors(path, state, metadata=meta), result, name, metrics)
 
 
-def _commit_file(run: Run, path: str, result: SoupResult, name: str | None) -> CheckpointInfo:
+def _commit_file(run: RunLike, path: str, result: SoupResult, name: str | None) -> CheckpointInfo:
     """Commit an already written soup: copied as safetensors (converted if it is torch format)."""
     if path.endswith(".safetensors"):
         return _commit(run, lambda dst: shutil.copyfile(path, dst), result, name)
@@ -639,7 +773,6 @@ class RunningSoup:
 
     def update(self, run: Run) -> SoupResult | None:
         """Recompute the soup if the selection changed; the new result, or None."""
-        filename = f"{self.kwargs['key'] or 'model'}.safetensors"
         try:
             recipe, chosen = select(run, self.recipe, key=self.kwargs["key"])
         except EmptySelection:
@@ -652,7 +785,10 @@ class RunningSoup:
             raise
         if len(chosen) < self.min_members:
             return None
-        signature = (str(self.weights), *((c.name, c.files[filename].sha256) for c in chosen))
+        signature = (
+            str(self.weights),
+            *((c.name, tuple(sorted((n, f.sha256) for n, f in c.files.items()))) for c in chosen),
+        )
         if signature == self._signature:
             return None
         self._may_replace()
@@ -697,6 +833,7 @@ def load_callable(spec: str, *, what: str) -> Callable[..., Any]:
 
 __all__ = [
     "GreedyStep",
+    "RunLike",
     "RunningSoup",
     "SoupResult",
     "candidates",

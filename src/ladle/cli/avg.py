@@ -58,7 +58,8 @@ def avg_command(
         typer.Argument(
             metavar="INPUT...",
             help="Checkpoints: .safetensors, .pt/.pth/.bin/.ckpt, model or checkpoint folders, "
-            "globs, runs (every checkpoint) or RUN@STEP / RUN@NAME.",
+            "folders of checkpoint files, globs, runs (every checkpoint), RUN@STEP / RUN@NAME, or a "
+            "transformers Trainer output_dir (its checkpoint-* folders).",
             show_default=False,
         ),
     ],
@@ -103,7 +104,12 @@ def avg_command(
         bool, typer.Option("--trust", help="Allow full unpickling (runs code from the files).")
     ] = False,
     keep_duplicates: Annotated[
-        bool, typer.Option("--keep-duplicates", help="Count a file named twice (or hard-linked) twice.")
+        bool,
+        typer.Option(
+            "--keep-duplicates",
+            help="Count a file named twice (or hard-linked) twice, and files of one folder with the "
+            "same weights (Lightning's last.ckpt) each.",
+        ),
     ] = False,
     hash_files: Annotated[
         bool, typer.Option("--hash/--no-hash", help="Record the sha256 of each input file.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 import typer
@@ -11,19 +12,29 @@ from ladle.average import IntPolicy
 from ladle.cli.app import app, console, fail, print_json
 from ladle.cli.avg import progress_bar
 from ladle.formats import OutputFormat
+from ladle.members import is_run_dir
 from ladle.soup import SoupResult, load_callable, select, soup, weights_for
+from ladle.trainer_dirs import is_trainer_output
 
 EXAMPLE = (
     "Examples:  ladle soup runs/exp1 -o soup.safetensors --recipe last:5   |   "
     "ladle soup runs/exp1 -o s.safetensors --recipe improved:lrap,cmap,f1,auc:max --window epoch:13-50   |   "
     "ladle soup runs/exp1 -o s.safetensors --recipe greedy:acc:max --eval myproj.eval:evaluate "
-    "--model myproj.model:build"
+    "--model myproj.model:build   |   "
+    "ladle soup trainer_out/ --recipe top:5:eval_loss:min -o trainer_out/soup"
 )
 
 
 @app.command("soup", epilog=EXAMPLE)
 def soup_command(
-    run: Annotated[str, typer.Argument(metavar="RUN", help="The run folder.", show_default=False)],
+    run: Annotated[
+        str,
+        typer.Argument(
+            metavar="RUN",
+            help="The run folder, or a transformers Trainer output_dir (checkpoint-*/ folders).",
+            show_default=False,
+        ),
+    ],
     recipe: Annotated[
         str,
         typer.Option(
@@ -33,7 +44,13 @@ def soup_command(
         ),
     ] = "uniform",
     output: Annotated[
-        str | None, typer.Option("-o", "--output", help="Output file (.safetensors, or .pt).")
+        str | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="Output file (.safetensors, or .pt); for a Trainer output_dir a from_pretrained "
+            "folder (default RUN/soup).",
+        ),
     ] = None,
     window: Annotated[
         str | None, typer.Option("--window", help="Only checkpoints in epoch:A-B or step:A-B (inclusive).")
@@ -83,9 +100,16 @@ def soup_command(
     improved, a greedy search on held-out data), --window narrows them by step
     or epoch, --weights weighs them. The soup goes to -o OUT (atomically, with
     its provenance), or into the run as a checkpoint with --into-run.
+
+    RUN may also be a transformers Trainer output_dir made without ladle: the
+    metrics come from each checkpoint's trainer_state.json, and the soup is a
+    folder that from_pretrained loads (-o, default RUN/soup).
     """
+    trainer_dir = is_trainer_output(run) and not is_run_dir(run)
     if output is None and not into_run and not dry_run:
-        fail("give -o OUT, --into-run, or --dry-run")
+        if not trainer_dir:
+            fail("give -o OUT, --into-run, or --dry-run")
+        output = os.path.join(run, "soup")
     if (model is not None) and evaluate is None:
         fail("--model is only used with --eval")
     if dry_run:
@@ -121,15 +145,17 @@ def soup_command(
     _members_table(
         result.recipe, [(m.name, m.step, m.epoch, m.metrics) for m in result.members], result.weights
     )
-    where = [p for p in (result.path, result.checkpoint.path if result.checkpoint else None) if p]
+    written = result.folder or result.path
+    where = [p for p in (written, result.checkpoint.path if result.checkpoint else None) if p]
     count = len(result.members)
     noun = "checkpoint" if count == 1 else "checkpoints"
-    console.print(f"soup of {count} {noun} written to {' and '.join(where)}", highlight=False)
+    console.print(f"soup of {count} {noun} written to {' and '.join(where)}", highlight=False, soft_wrap=True)
 
 
 def _summary(result: SoupResult) -> dict[str, Any]:
     return {
         "output": result.path,
+        "folder": result.folder,
         "checkpoint": result.checkpoint.name if result.checkpoint else None,
         "score": result.score,
         **result.provenance,

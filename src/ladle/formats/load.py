@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -131,26 +131,34 @@ def _open_ladle_checkpoint(path: str, key: str | None) -> TensorSource:
     except (OSError, ValueError, AttributeError, TypeError):
         raise CorruptCheckpoint(f"{meta_path}: unreadable meta.json; run `ladle verify`") from None
     name = key or "model"
-    filename = f"{name}.safetensors"
-    weights = os.path.join(path, filename)
-    if filename not in files or not os.path.isfile(weights):
+    filename = ladle_weights_file(files, key)
+    weights = os.path.join(path, filename) if filename else ""
+    if filename is None or not os.path.isfile(weights):
         available = sorted(f[: -len(".safetensors")] for f in files if f.endswith(".safetensors"))
         what = "EMA weights" if name == "ema" else f"weights {name!r}"
         raise FormatError(
-            f"{path}: no {what} ({filename}); this checkpoint has: "
+            f"{path}: no {what} ({name}.safetensors); this checkpoint has: "
             f"{', '.join(available) or 'no weight files'} (choose with key= / --key)"
         )
-    record = files[filename]
-    size = os.path.getsize(weights)
-    if isinstance(record, dict) and record.get("size") is not None and size != int(record["size"]):
-        raise CorruptCheckpoint(
-            f"{weights}: {size} bytes but meta.json recorded {record['size']}; the file was "
-            "truncated or replaced (run `ladle verify`)"
-        )
-    source = SafetensorsSource(weights)
+    _check_size(weights, files[filename])
+    # Sharded weights (a Trainer checkpoint of a large model, recorded as it is) or a
+    # torch file open as they would in a transformers folder; `model.safetensors` directly.
+    source = _open_file(weights, None, False)
+    recorded: dict[str, str] = {}
+    try:
+        for file in source.files:
+            record = files.get(os.path.basename(file))
+            _check_size(file, record)
+            if isinstance(record, dict) and record.get("sha256"):
+                recorded[os.path.basename(file)] = str(record["sha256"])
+    except BaseException:
+        source.close()
+        raise
     source.path = path
     source.format = "ladle"
-    source.sha256 = record.get("sha256") if isinstance(record, dict) else None
+    if len(source.files) == 1:
+        record = files[filename]
+        source.sha256 = record.get("sha256") if isinstance(record, dict) else None
     source.metadata = {
         **source.metadata,
         "name": meta.get("name"),
@@ -159,7 +167,39 @@ def _open_ladle_checkpoint(path: str, key: str | None) -> TensorSource:
         "metrics": meta.get("metrics") or {},
         "kind": meta.get("kind", "train"),
     }
+    if len(source.files) > 1 and len(recorded) == len(source.files):
+        source.metadata["files_sha256"] = recorded
     return source
+
+
+def ladle_weights_file(files: Mapping[str, Any], key: str | None) -> str | None:
+    """The file of a ladle checkpoint (by its meta.json `files`) holding the weights `key` asks for.
+
+    `<key>.safetensors` (`model.safetensors` for None); for the model, a
+    checkpoint recorded from a framework's folder may instead hold
+    transformers' other names (sharded `model.safetensors.index.json`,
+    `pytorch_model.bin`, ...), taken in transformers' order.
+    """
+    name = key or "model"
+    wanted = f"{name}.safetensors"
+    if wanted in files:
+        return wanted
+    if name == "model":
+        for candidate in HF_WEIGHT_FILES[1:]:
+            if candidate in files:
+                return candidate
+    return None
+
+
+def _check_size(file: str, record: Any) -> None:
+    if not isinstance(record, dict) or record.get("size") is None:
+        return
+    size = os.path.getsize(file)
+    if size != int(record["size"]):
+        raise CorruptCheckpoint(
+            f"{file}: {size} bytes but meta.json recorded {record['size']}; the file was "
+            "truncated or replaced (run `ladle verify`)"
+        )
 
 
 class _Subset(TensorSource):

@@ -125,28 +125,81 @@ def candidate_keys(obj: Any, prefix: str = "", depth: int = 0) -> list[str]:
     return out
 
 
+def _top_level(obj: Mapping[Any, Any]) -> tuple[list[str], list[str]]:
+    """Keys of `obj` holding a tensor, and keys holding a dict of tensors (or a module).
+
+    `*_extra_state` entries belong to a module's own state dict, so they never
+    make a dict look like a training checkpoint.
+    """
+    tensors: list[str] = []
+    nested: list[str] = []
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            tensors.append(str(k))
+        elif (
+            isinstance(v, Mapping | torch.nn.Module)
+            and not str(k).endswith("_extra_state")
+            and _has_tensors(v)
+        ):
+            nested.append(str(k))
+    return tensors, nested
+
+
 def find_state_dict(obj: Any, key: str | None, path: str) -> tuple[Any, str | None]:
-    """The state dict inside a loaded checkpoint and the key it was found under."""
+    """The state dict inside a loaded checkpoint and the key it was found under.
+
+    A dict of tensors is the state dict itself. A dict that nests dicts of
+    tensors is a training checkpoint: its well-known key (`state_dict`,
+    `model_state_dict`, `model`, `module`, ...; EMA keys only when nothing else
+    is there) is unwrapped, even when a stray tensor (an RNG state, a step
+    counter) sits beside it. A dict that mixes tensors and dicts of tensors
+    without such a key is refused with the keys to choose from, since taking
+    all of it would count optimizer moments as weights.
+    """
     if key is not None:
+        if key in ("", ".", "/"):
+            return obj, None
         return resolve_key(obj, key, path), key
-    if isinstance(obj, torch.nn.Module) or _is_tensor_dict(obj):
+    if isinstance(obj, torch.nn.Module):
         return obj, None
     if isinstance(obj, Mapping):
+        tensors, nested = _top_level(obj)
+        if tensors and not nested:
+            return obj, None
         for name in STATE_KEYS:
-            if name in obj and _has_tensors(obj[name]):
+            if name in nested:
+                _note_ignored(path, name, tensors)
                 return obj[name], name
         for name in EMA_KEYS:
-            if name in obj and _has_tensors(obj[name]):
+            if name in nested:
                 log.warning("%s: only EMA weights found; reading %r", path, name)
+                _note_ignored(path, name, tensors)
                 return obj[name], name
         choices = candidate_keys(obj)
+        shown = ", ".join(repr(c) for c in choices[:8]) + (", ..." if len(choices) > 8 else "")
+        if tensors and nested:
+            top = ", ".join(repr(t) for t in tensors[:4]) + (", ..." if len(tensors) > 4 else "")
+            raise FormatError(
+                f"{path}: mixes top-level tensors ({top}) with dicts of tensors ({shown}), so it is not one "
+                "state dict; choose where the weights are with key= (--key), or key='.' for the whole file"
+            )
         if choices:
-            shown = ", ".join(repr(c) for c in choices[:8])
             raise FormatError(f"{path}: several dicts hold tensors ({shown}); choose one with key= (--key)")
     raise FormatError(
         f"{path}: holds no state dict (a {type(obj).__name__}); save model.state_dict() or "
         "name where it is with key= (--key)"
     )
+
+
+def _note_ignored(path: str, chosen: str, tensors: list[str]) -> None:
+    if tensors:
+        log.info(
+            "%s: reading the state dict under %r; ignoring %d top-level tensors (%s)",
+            path,
+            chosen,
+            len(tensors),
+            ", ".join(tensors[:4]),
+        )
 
 
 def flatten(obj: Any, path: str, prefix: str = "") -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -1,197 +1,41 @@
-"""Reading a transformers Trainer output directory, without importing transformers.
+"""A transformers Trainer output directory made without ladle, read without importing transformers.
 
-A Trainer writes `<output_dir>/checkpoint-<step>/` folders: the model in
-`save_pretrained` form (`config.json`, `model.safetensors` or shards, tokenizer
-files), the training state (`optimizer.pt`, `scheduler.pt`, `rng_state.pth`,
-`training_args.bin`) and `trainer_state.json`, whose `log_history` holds every
-logged metric by step. This module turns such folders into the
-`CheckpointInfo` records that soup recipes choose from (so
-`top:5:eval_loss:min` works on a plain Trainer run), and copies the files a
-soup needs beside its weights to load with `from_pretrained`.
+The reading lives in `ladle.trainer_dirs` (so `ladle.soup`, `ladle avg` and
+`ladle soup` accept such a directory too); this module keeps its names for
+the integration and adds `soup_trainer_output`, the soup of a plain Trainer
+run into a `from_pretrained` folder.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import math
+import contextlib
 import os
-import re
-import shutil
-from collections.abc import Iterable, Mapping
-from typing import Any
 
 import torch
 
-from ladle.average import AverageOptions, IntPolicy, write_average
-from ladle.errors import ConfigError, EmptySelection, FormatError, RunNotFound
-from ladle.formats import load_source
-from ladle.members import Member, close_members, open_members
-from ladle.metrics import is_finite_number
-from ladle.recipes import Recipe, Top, parse_recipe
-from ladle.soup import SoupResult
-from ladle.store import CheckpointInfo
+from ladle.average import IntPolicy
+from ladle.errors import ConfigError
+from ladle.recipes import parse_recipe
+from ladle.soup import SoupResult, soup
+from ladle.trainer_dirs import (
+    CHECKPOINT_PREFIX,
+    TRAINER_STATE,
+    TRAINING_FILES,
+    WEIGHT_FILE_RE,
+    TrainerOutput,
+    checkpoint_step,
+    copy_model_files,
+    epoch_index,
+    has_weights,
+    is_model_file,
+    is_trainer_output,
+    metrics_at,
+    read_trainer_state,
+    trainer_checkpoints,
+)
 from ladle.weights import WeightsLike
 
-log = logging.getLogger("ladle")
-
-TRAINER_STATE = "trainer_state.json"
-CHECKPOINT_PREFIX = "checkpoint-"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-WEIGHT_FILE_RE = re.compile(
-    r"^(model|pytorch_model|adapter_model|tf_model|flax_model)(-\d+-of-\d+)?\.(safetensors|bin|h5|msgpack)"
-    r"(\.index\.json)?$"
-)
-"""Model weights in transformers' names: a soup writes its own, so these are never copied."""
-TRAINING_FILES = frozenset(
-    {
-        TRAINER_STATE,
-        "training_args.bin",
-        "optimizer.pt",
-        "optimizer.bin",
-        "scheduler.pt",
-        "scaler.pt",
-        "meta.json",
-    }
-)
-"""Training state, only meaningful to resume the run it came from."""
-_RNG_RE = re.compile(r"^rng_state(_\d+)?\.pth$")
-# Bookkeeping entries of log_history that are not metrics of the model; speeds
-# (`eval_runtime`, `train_samples_per_second`) describe the machine, not the model.
-_NOT_METRICS = frozenset({"step", "epoch", "total_flos", "num_input_tokens_seen"})
-_SPEED_SUFFIXES = ("_runtime", "_per_second")
-
-
-def checkpoint_step(name: str) -> int | None:
-    """The step in a Trainer checkpoint folder name (`checkpoint-500` -> 500), else None."""
-    match = _CHECKPOINT_RE.match(name)
-    return int(match.group(1)) if match else None
-
-
-def read_trainer_state(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The parsed `trainer_state.json` of a checkpoint folder; None when absent or unreadable."""
-    path = os.path.join(os.fspath(folder), TRAINER_STATE)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            state = json.load(handle)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        log.warning("%s: unreadable (%s); its checkpoint has no metrics", path, exc)
-        return None
-    return state if isinstance(state, dict) else None
-
-
-def metrics_at(log_history: Iterable[Mapping[str, Any]], step: int) -> dict[str, float]:
-    """Every numeric metric logged at `step`: training logs and evaluations merged (later wins),
-    without bookkeeping (`epoch`, `total_flos`) and speeds (`eval_runtime`, `*_per_second`)."""
-    merged: dict[str, float] = {}
-    for entry in log_history:
-        if not isinstance(entry, Mapping) or entry.get("step") != step:
-            continue
-        for key, value in entry.items():
-            if key in _NOT_METRICS or key.endswith(_SPEED_SUFFIXES):
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                continue
-            merged[str(key)] = value
-    return merged
-
-
-def epoch_index(epoch: Any) -> int | None:
-    """The 0-based epoch a Trainer's fractional epoch falls in (1.0, the end of the first, is 0)."""
-    if not is_finite_number(epoch) or float(epoch) < 0:
-        return None
-    return max(math.ceil(float(epoch)) - 1, 0)
-
-
-def is_trainer_output(path: str | os.PathLike[str]) -> bool:
-    """True for a folder holding Trainer `checkpoint-<step>/` folders with a `trainer_state.json`."""
-    text = os.fspath(path)
-    if not os.path.isdir(text):
-        return False
-    for name in os.listdir(text):
-        if checkpoint_step(name) is not None and os.path.isfile(os.path.join(text, name, TRAINER_STATE)):
-            return True
-    return False
-
-
-def has_weights(folder: str) -> bool:
-    return any(WEIGHT_FILE_RE.match(name) for name in os.listdir(folder))
-
-
-def trainer_checkpoints(output_dir: str | os.PathLike[str]) -> list[CheckpointInfo]:
-    """The checkpoints of a Trainer output directory, oldest first, with the metrics of their step.
-
-    Metrics come from each checkpoint's own `trainer_state.json` (the Trainer
-    evaluates before it saves, so an evaluation at a checkpoint's step is in its
-    log). Folders without weights or without a readable state are skipped with
-    a warning: the Trainer may have been interrupted while writing them.
-    """
-    root = os.path.abspath(os.fspath(output_dir))
-    if not os.path.isdir(root):
-        raise RunNotFound(f"{root}: no such directory; pass the Trainer's output_dir")
-    found: list[CheckpointInfo] = []
-    for name in os.listdir(root):
-        named_step = checkpoint_step(name)
-        folder = os.path.join(root, name)
-        if named_step is None or not os.path.isdir(folder):
-            continue
-        state = read_trainer_state(folder)
-        if state is None or not has_weights(folder):
-            log.warning("%s: no %s or no model weights; skipped (an unfinished save?)", folder, TRAINER_STATE)
-            continue
-        step = state.get("global_step", named_step)
-        step = step if isinstance(step, int) and not isinstance(step, bool) else named_step
-        found.append(
-            CheckpointInfo(
-                name=name,
-                path=folder,
-                step=step,
-                epoch=epoch_index(state.get("epoch")),
-                time=os.path.getmtime(os.path.join(folder, TRAINER_STATE)),
-                metrics=metrics_at(state.get("log_history") or [], step),
-                files={},
-                kind="train",
-                extra={"epoch_float": state.get("epoch"), "framework": "transformers"},
-            )
-        )
-    if not found:
-        raise FormatError(
-            f"{root}: no Trainer checkpoints (checkpoint-<step>/ folders with {TRAINER_STATE} and "
-            "model weights); is it the Trainer's output_dir?"
-        )
-    found.sort(key=lambda c: (c.step, c.name))
-    return [_with_seq(c, i + 1) for i, c in enumerate(found)]
-
-
-def _with_seq(info: CheckpointInfo, seq: int) -> CheckpointInfo:
-    from dataclasses import replace
-
-    return replace(info, seq=seq)
-
-
-def is_model_file(name: str) -> bool:
-    """Whether a file of a checkpoint folder belongs beside a soup's weights (config, tokenizer, code)."""
-    if name.startswith(".") or name in TRAINING_FILES or _RNG_RE.match(name) or WEIGHT_FILE_RE.match(name):
-        return False
-    return not name.endswith((".safetensors.json", ".pt", ".pth"))
-
-
-def copy_model_files(source: str | os.PathLike[str], destination: str | os.PathLike[str]) -> list[str]:
-    """Copy config, generation config, tokenizer and processor files (everything but weights and
-    training state) from a checkpoint folder into `destination`; returns the names copied."""
-    src, dst = os.fspath(source), os.fspath(destination)
-    os.makedirs(dst, exist_ok=True)
-    copied = []
-    for name in sorted(os.listdir(src)):
-        path = os.path.join(src, name)
-        if os.path.isfile(path) and is_model_file(name):
-            shutil.copyfile(path, os.path.join(dst, name))
-            copied.append(name)
-    if "config.json" not in copied:
-        log.warning("%s has no config.json: from_pretrained cannot load %s without one", src, dst)
-    return copied
+SOUP_FOLDER = "soup"
 
 
 def soup_trainer_output(
@@ -212,58 +56,54 @@ def soup_trainer_output(
     `trainer_state.json` (see `trainer_checkpoints`), so `top:5:eval_loss:min`
     works on any Trainer run. `destination` (default `<output_dir>/soup`)
     receives `model.safetensors` (provenance in its metadata and
-    `model.safetensors.json`) and the newest checkpoint's config, generation
-    config and tokenizer files. Greedy recipes need an `evaluate` function and
-    a ladle run: record the run with `LadleCallback()` and use `ladle.soup`.
+    `model.safetensors.json`) and the newest member's config, generation
+    config and tokenizer files. Greedy recipes need an `evaluate` function:
+    call `ladle.soup(output_dir, recipe, evaluate=..., output=folder)`.
     """
     root = os.path.abspath(os.fspath(output_dir))
     parsed = parse_recipe(recipe, window)
     if parsed.select.needs_evaluate:
         raise ConfigError(
-            f"recipe {parsed} needs evaluate= and a ladle run; train with LadleCallback() and call ladle.soup"
+            f"recipe {parsed} needs evaluate=; call ladle.soup({root!r}, {str(parsed)!r}, evaluate=..., "
+            "output=FOLDER)"
         )
-    if isinstance(parsed.select, Top):
-        parsed = Recipe(select=parsed.select.resolved(None), window=parsed.window)
-    history = trainer_checkpoints(root)
-    chosen = parsed.choose(history)
-    if not chosen:
-        raise EmptySelection(
-            f"{root}: recipe {parsed} selects none of the {len(history)} Trainer checkpoints; "
-            "widen the window or change the recipe"
-        )
-    target = os.path.abspath(os.fspath(destination or os.path.join(root, "soup")))
-    os.makedirs(target, exist_ok=True)
-    options = AverageOptions(dtype=dtype, accumulate=accumulate, int_policy=int_policy)  # type: ignore[arg-type]
-    opened: list[Member] = []
+    target = os.path.abspath(os.fspath(destination or os.path.join(root, SOUP_FOLDER)))
+    made = not os.path.lexists(target)
+    if made:
+        os.makedirs(target)  # an existing folder is always a folder output, whatever its name
     try:
-        for info in chosen:
-            opened.append(
-                Member(
-                    source=load_source(info.path),
-                    label=info.path,
-                    step=info.step,
-                    epoch=info.epoch,
-                    metrics=dict(info.metrics),
-                    name=info.name,
-                )
-            )
-        members = open_members(opened, hash_files=True)
-        written = write_average(
-            members,
-            os.path.join(target, "model.safetensors"),
+        return soup(
+            TrainerOutput(root),
+            parsed,
+            output=target,
             weights=weights,
-            options=options,
+            dtype=dtype,
+            accumulate=accumulate,
+            int_policy=int_policy,
             force=force,
-            recipe=str(parsed),
-            extra={"trainer_output": root},
         )
-    finally:
-        close_members(opened)
-    copy_model_files(history[-1].path, target)
-    return SoupResult(
-        recipe=str(parsed),
-        members=chosen,
-        weights=written.weights,
-        provenance=written.provenance,
-        path=written.path,
-    )
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(target)  # only when still empty
+        raise
+
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "SOUP_FOLDER",
+    "TRAINER_STATE",
+    "TRAINING_FILES",
+    "WEIGHT_FILE_RE",
+    "TrainerOutput",
+    "checkpoint_step",
+    "copy_model_files",
+    "epoch_index",
+    "has_weights",
+    "is_model_file",
+    "is_trainer_output",
+    "metrics_at",
+    "read_trainer_state",
+    "soup_trainer_output",
+    "trainer_checkpoints",
+]
