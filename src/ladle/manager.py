@@ -379,15 +379,15 @@ class CheckpointManager:
         pending = self.run.begin(self._free_name())
         try:
             models = [n for n, o in self.objects.items() if isinstance(o, nn.Module)]
+            payload, ema_weights = self._payload(models)
+            check_weights_only(payload, f"the state of run {self.run.path}")
+            pending.write(STATE_FILE, lambda path: torch.save(payload, path))
             for name in models:
                 tensors, aliases = model_weights(self.objects[name])
                 _write_safetensors(pending, f"{name}.safetensors", tensors, aliases)
-            payload, ema_weights = self._payload(models)
             if ema_weights is not None:
                 tensors, aliases = tensors_for_safetensors(ema_weights)
                 _write_safetensors(pending, f"{EMA_NAME}.safetensors", tensors, aliases)
-            check_weights_only(payload, f"the state of run {self.run.path}")
-            pending.write(STATE_FILE, lambda path: torch.save(payload, path))
             self._history.sync()
             return pending.commit(
                 step=self.global_step,
@@ -648,8 +648,12 @@ class CheckpointManager:
             return None
         path = info.file(STATE_FILE)
         try:
-            with storage.open(path, "rb") as handle:
-                payload = torch.load(handle, map_location="cpu", weights_only=True)
+            local = storage.local_path(path)
+            if local is not None:  # a path lets torch read without Python file calls
+                payload = torch.load(local, map_location="cpu", weights_only=True)
+            else:
+                with storage.open(path, "rb") as handle:
+                    payload = torch.load(handle, map_location="cpu", weights_only=True)
             if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
                 raise ValueError("not a ladle state file")
         except Exception as exc:

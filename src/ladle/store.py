@@ -20,7 +20,7 @@ import secrets
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -503,8 +503,7 @@ class PendingCheckpoint:
         self.tmp_path = storage.join(run.path, f"{TMP_PREFIX}{name}-{secrets.token_hex(4)}")
         storage.makedirs(self.tmp_path)
         self._local = isinstance(storage, LocalStorage)
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ladle-commit")
-        self._pending: dict[str, tuple[Future[None], Future[str], int]] = {}
+        self._pending: dict[str, int] = {}  # file name -> size, written but not yet committed
         self._done = False
 
     def write(self, filename: str, writer: Callable[[str], None]) -> None:
@@ -526,10 +525,9 @@ class PendingCheckpoint:
                         dst.write(chunk)
             finally:
                 os.remove(staged)
-        size = storage.size(target)
-        synced = self._pool.submit(storage.fsync_file, target)
-        hashed = self._pool.submit(sha256_file, storage, target)
-        self._pending[filename] = (synced, hashed, size)
+        # Checksums and fsyncs wait for commit(): reading back or flushing one file while
+        # the next is written slows that write down more than the overlap gains.
+        self._pending[filename] = storage.size(target)
 
     def file_path(self, filename: str) -> str:
         return self.run.storage.join(self.tmp_path, filename)
@@ -548,10 +546,16 @@ class PendingCheckpoint:
         """Write meta.json, rename the directory into place, fsync, update the index."""
         storage = self.run.storage
         try:
-            files = {}
-            for filename, (synced, hashed, size) in self._pending.items():
-                synced.result()
-                files[filename] = FileRecord(size=size, sha256=hashed.result())
+            # Largest first: its checksum is the long pole, the others fit beside it.
+            order = sorted(self._pending, key=lambda f: -self._pending[f])
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ladle-commit") as pool:
+                hashed = {f: pool.submit(sha256_file, storage, self.file_path(f)) for f in order}
+                synced = [pool.submit(storage.fsync_file, self.file_path(f)) for f in order]
+                files = {
+                    f: FileRecord(size=self._pending[f], sha256=hashed[f].result()) for f in self._pending
+                }
+                for future in synced:
+                    future.result()
             final_path = storage.join(self.run.path, self.name)
             info = CheckpointInfo(
                 name=self.name,
@@ -578,7 +582,6 @@ class PendingCheckpoint:
             self.abort()
             raise
         self._done = True
-        self._pool.shutdown()
         self.run._add(info)
         return info
 
@@ -587,7 +590,6 @@ class PendingCheckpoint:
         if self._done:
             return
         self._done = True
-        self._pool.shutdown(wait=True)
         self.run.storage.rmtree(self.tmp_path)
 
 
