@@ -16,8 +16,6 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
 from ladle.errors import CheckpointNotFound, CorruptCheckpoint, FormatError
 from ladle.formats.safetensors_io import (
     SafetensorsSource,
@@ -25,7 +23,7 @@ from ladle.formats.safetensors_io import (
 )
 from ladle.formats.source import (
     PrefixStripped,
-    TensorInfo,
+    RenamedSource,
     TensorSource,
     normalize_prefixes,
 )
@@ -202,67 +200,16 @@ def _check_size(file: str, record: Any) -> None:
         )
 
 
-class _Subset(TensorSource):
+class _Subset(RenamedSource):
     """The tensors under `prefix.` of another source, with the prefix removed."""
 
     def __init__(self, inner: TensorSource, prefix: str) -> None:
-        super().__init__()
-        self.inner = inner
-        self.path = inner.path
-        self.format = inner.format
-        self.metadata = inner.metadata
-        self.files = inner.files
-        self.sha256 = inner.sha256
         dotted = prefix.replace("/", ".").rstrip(".") + "."
-        self._map = {k[len(dotted) :]: k for k in inner if k.startswith(dotted)}
-        if not self._map:
+        mapping = {k[len(dotted) :]: k for k in inner if k.startswith(dotted)}
+        if not mapping:
             inner.close()
-            raise FormatError(f"{self.path}: no tensors under key {prefix!r}")
-        self._back = {v: k for k, v in self._map.items()}
-
-    def keys(self) -> list[str]:
-        return list(self._map)
-
-    def info(self, key: str) -> TensorInfo:
-        self._require(key)
-        return self.inner.info(self._map[key])
-
-    def tensor(self, key: str) -> torch.Tensor:
-        self._require(key)
-        return self.inner.tensor(self._map[key])
-
-    def read_into(self, key: str, scratch: torch.Tensor) -> torch.Tensor:
-        from ladle.formats.source import read_into
-
-        self._require(key)
-        return read_into(self.inner, self._map[key], scratch)
-
-    def read_block(self, key: str, start: int, count: int, scratch: torch.Tensor | None) -> torch.Tensor:
-        self._require(key)
-        return self.inner.read_block(self._map[key], start, count, scratch)
-
-    def release_block(self, key: str, start: int, count: int) -> None:
-        if key in self._map:
-            self.inner.release_block(self._map[key], start, count)
-
-    def release(self, key: str) -> None:
-        if key in self._map:
-            self.inner.release(self._map[key])
-
-    def ties(self) -> dict[str, str]:
-        return {
-            self._back[k]: self._back[v]
-            for k, v in self.inner.ties().items()
-            if k in self._back and v in self._back
-        }
-
-    @property
-    def step(self) -> int | None:
-        return self.inner.step
-
-    def close(self) -> None:
-        self.inner.close()
-        self.closed = True
+            raise FormatError(f"{inner.path}: no tensors under key {prefix!r}")
+        super().__init__(inner, mapping)
 
 
 def _subset(source: TensorSource, key: str | None) -> TensorSource:

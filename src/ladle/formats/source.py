@@ -239,10 +239,10 @@ def strip_key(key: str, prefixes: Iterable[str]) -> str:
     return key
 
 
-class PrefixStripped(TensorSource):
-    """A view of another source with key prefixes removed (`module.`, `_orig_mod.`, ...)."""
+class RenamedSource(TensorSource):
+    """A view of another source under other key names: `mapping` is {new name: inner name}."""
 
-    def __init__(self, inner: TensorSource, prefixes: Sequence[str]) -> None:
+    def __init__(self, inner: TensorSource, mapping: dict[str, str]) -> None:
         super().__init__()
         self.inner = inner
         self.path = inner.path
@@ -250,24 +250,8 @@ class PrefixStripped(TensorSource):
         self.metadata = inner.metadata
         self.files = inner.files
         self.sha256 = inner.sha256
-        chosen = list(prefixes)
-        if "auto" in chosen:
-            chosen.remove("auto")
-            chosen += ["module.", "_orig_mod."]
-            inner_keys = inner.keys()
-            if inner_keys and all(k.startswith("model.") for k in inner_keys):
-                chosen.append("model.")
-        self.prefixes = tuple(dict.fromkeys(chosen))
-        self._map: dict[str, str] = {}
-        for key in inner:
-            new = strip_key(key, self.prefixes)
-            if new in self._map:
-                raise FormatError(
-                    f"{self.path}: stripping {', '.join(self.prefixes)} maps both "
-                    f"{self._map[new]!r} and {key!r} to {new!r}; strip fewer prefixes"
-                )
-            self._map[new] = key
-        self._back = {v: k for k, v in self._map.items()}
+        self._map = mapping
+        self._back = {v: k for k, v in mapping.items()}
 
     def keys(self) -> list[str]:
         return list(self._map)
@@ -292,12 +276,16 @@ class PrefixStripped(TensorSource):
         if key in self._map:
             self.inner.release_block(self._map[key], start, count)
 
-    def ties(self) -> dict[str, str]:
-        return {self._back[k]: self._back[v] for k, v in self.inner.ties().items()}
-
     def release(self, key: str) -> None:
         if key in self._map:
             self.inner.release(self._map[key])
+
+    def ties(self) -> dict[str, str]:
+        return {
+            self._back[k]: self._back[v]
+            for k, v in self.inner.ties().items()
+            if k in self._back and v in self._back
+        }
 
     @property
     def step(self) -> int | None:
@@ -306,6 +294,30 @@ class PrefixStripped(TensorSource):
     def close(self) -> None:
         self.inner.close()
         self.closed = True
+
+
+class PrefixStripped(RenamedSource):
+    """A view of another source with key prefixes removed (`module.`, `_orig_mod.`, ...)."""
+
+    def __init__(self, inner: TensorSource, prefixes: Sequence[str]) -> None:
+        chosen = list(prefixes)
+        if "auto" in chosen:
+            chosen.remove("auto")
+            chosen += ["module.", "_orig_mod."]
+            inner_keys = inner.keys()
+            if inner_keys and all(k.startswith("model.") for k in inner_keys):
+                chosen.append("model.")
+        self.prefixes = tuple(dict.fromkeys(chosen))
+        mapping: dict[str, str] = {}
+        for key in inner:
+            new = strip_key(key, self.prefixes)
+            if new in mapping:
+                raise FormatError(
+                    f"{inner.path}: stripping {', '.join(self.prefixes)} maps both "
+                    f"{mapping[new]!r} and {key!r} to {new!r}; strip fewer prefixes"
+                )
+            mapping[new] = key
+        super().__init__(inner, mapping)
 
 
 def read_into(source: TensorSource, key: str, scratch: torch.Tensor) -> torch.Tensor:
