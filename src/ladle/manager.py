@@ -509,16 +509,19 @@ class CheckpointManager:
                 older = [
                     c for c in self.run.checkpoints(kind="train") if c.seq < info.seq and c.name not in tried
                 ]
-                if not older or info.path.rsplit("/", 1)[0] != self.run.path:
+                if not older or not self._in_this_run(info):
                     raise CorruptCheckpoint(
                         f"{exc}; no earlier good checkpoint to fall back to (tried {', '.join(tried)})"
                     ) from exc
                 log.warning("%s; falling back to %s", exc, older[-1].name)
                 info = max(older, key=lambda c: c.seq)
-        self.resumed_from = info.name if info.path.rsplit("/", 1)[0] == self.run.path else None
+        self.resumed_from = info.name if self._in_this_run(info) else None
         self._last_saved = info if self.resumed_from else None
         self._clock.reset()
         return point
+
+    def _in_this_run(self, info: CheckpointInfo) -> bool:
+        return _parent(info.path) == self.run.path
 
     def _find(self, which: str | int) -> CheckpointInfo | None:
         if which == "latest":
@@ -551,11 +554,7 @@ class CheckpointManager:
         return self.run.get(which)
 
     def _load(self, info: CheckpointInfo, *, strict: bool, verify: bool, rng: bool) -> ResumePoint:
-        storage = (
-            self.run.storage
-            if info.path.startswith(self.run.path)
-            else Run(info.path.rsplit("/", 1)[0]).storage
-        )
+        storage = self.run.storage if self._in_this_run(info) else Run(_parent(info.path)).storage
         for filename in info.files:
             check_readable(storage, info, filename)
         hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ladle-verify")
@@ -593,8 +592,9 @@ class CheckpointManager:
                 restore_rng(payload["rng"])
         else:
             self.global_step, self.epoch, self.epoch_complete = info.step, info.epoch or 0, True
-        same_run = info.path.rsplit("/", 1)[0] == self.run.path
-        self._history.restart_from(info.name if same_run else None, info.extra.get("history_len"))
+        self._history.restart_from(
+            info.name if self._in_this_run(info) else None, info.extra.get("history_len")
+        )
         epoch = self.epoch + 1 if self.epoch_complete else self.epoch
         log.info("resumed from %s (step %d)", info.name, self.global_step)
         return ResumePoint(
@@ -742,6 +742,10 @@ class CheckpointManager:
     def preempted(self) -> bool:
         """True when a signal arrived and the final save is pending."""
         return self._signal is not None
+
+
+def _parent(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[0]
 
 
 def _rank() -> int:
