@@ -763,10 +763,6 @@ def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     return None
 
 
-def is_close_to_one(values: Sequence[float]) -> bool:
-    return math.isclose(math.fsum(values), 1.0, rel_tol=1e-9)
-
-
 class RunningAverage:
     """A uniform average kept in memory that grows one member at a time (greedy soups).
 
