@@ -64,6 +64,17 @@ class HistoryLog:
         self.entries: list[dict[str, Any]] = []
         self._local = isinstance(run.storage, LocalStorage)
         self._marker: dict[str, Any] | None = {"kind": "resume", "checkpoint": None, "keep": 0}
+        self._handle: Any = None  # kept open: append() runs on the training step
+
+    def _file(self) -> Any:
+        if self._handle is None:
+            self._handle = open(self.path, "ab")  # noqa: SIM115 - closed in close()
+        return self._handle
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
     def restart_from(self, checkpoint: str | None, keep: int | None) -> None:
         """Continue the lineage saved by `checkpoint` (its first `keep` entries), or start afresh."""
@@ -84,8 +95,9 @@ class HistoryLog:
             lines.append(self._marker)
             self._marker = None
         lines.append(entry)
-        with open(self.path, "ab") as handle:
-            handle.write(b"".join(json.dumps(x).encode() + b"\n" for x in lines))
+        handle = self._file()
+        handle.write(b"".join(json.dumps(x).encode() + b"\n" for x in lines))
+        handle.flush()
 
     def sync(self) -> None:
         """Make every entry so far durable (called before a checkpoint that counts them commits)."""
@@ -96,15 +108,11 @@ class HistoryLog:
                 handle.write(b"".join(json.dumps(x).encode() + b"\n" for x in self.entries))
             return
         if self._marker is not None and os.path.exists(self.path):
-            with open(self.path, "ab") as handle:
-                handle.write(json.dumps(self._marker).encode() + b"\n")
+            self._file().write(json.dumps(self._marker).encode() + b"\n")
             self._marker = None
-        if os.path.exists(self.path):
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        if self._handle is not None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
 
     def __len__(self) -> int:
         return len(self.entries)

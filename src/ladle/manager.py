@@ -209,6 +209,7 @@ class CheckpointManager:
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers.clear()
+        self._history.close()
         self.run.release()
 
     def __del__(self) -> None:
@@ -367,16 +368,8 @@ class CheckpointManager:
             self.running_soup.update(self.run)
         return info
 
-    def _free_name(self) -> str:
-        base = checkpoint_name(self.global_step)
-        name, suffix = base, 1
-        existing = {c.name for c in self.run.checkpoints()}
-        while name in existing:
-            name, suffix = f"{base}-{suffix}", suffix + 1
-        return name
-
     def _write(self, metrics: dict[str, Any], pin: bool) -> CheckpointInfo:
-        pending = self.run.begin(self._free_name())
+        pending = self.run.begin(self.run.free_name(checkpoint_name(self.global_step)))
         try:
             models = [n for n, o in self.objects.items() if isinstance(o, nn.Module)]
             payload, ema_weights = self._payload(models)

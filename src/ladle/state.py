@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ladle.errors import ConfigError, StateMismatch
+from ladle.formats.source import ALIASES_KEY, find_ties, strip_key
 
 STATE_FORMAT = "ladle-state/1"
-ALIASES_KEY = "ladle.aliases"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -69,13 +69,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def clean_key(key: str) -> str:
     """A state-dict key without wrapper prefixes (leading `module.`/`_orig_mod.`, and
     `_orig_mod.` segments of compiled submodules)."""
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix) :], True
-    return key.replace("._orig_mod.", ".")
+    return strip_key(key, _WRAPPER_PREFIXES).replace("._orig_mod.", ".")
 
 
 def model_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -98,23 +92,12 @@ def tensors_for_safetensors(
     safetensors refuses tensors that share memory (tied embeddings): each tied
     tensor is stored once and its other names are recorded as aliases.
     """
+    aliases = find_ties(state)
     tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[Any, ...], str] = {}
     for key, value in state.items():
-        tensor = value.detach()
-        identity = (
-            tensor.device,
-            tensor.untyped_storage().data_ptr(),
-            tensor.storage_offset(),
-            tuple(tensor.shape),
-            tuple(tensor.stride()),
-            tensor.dtype,
-        )
-        if tensor.numel() and identity in seen:
-            aliases[key] = seen[identity]
+        if key in aliases:
             continue
-        seen[identity] = key
+        tensor = value.detach()
         if tensor.device.type != "cpu":
             tensor = tensor.to("cpu")
         if not tensor.is_contiguous():

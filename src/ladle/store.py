@@ -284,6 +284,13 @@ class Run:
         found = self.checkpoints(kind)
         return max(found, key=lambda c: c.seq) if found else None
 
+    def free_name(self, base: str) -> str:
+        """`base`, or `base-1`, `base-2`, ... when a checkpoint of that name exists (a resumed run)."""
+        name, suffix = base, 1
+        while name in self._checkpoints:
+            name, suffix = f"{base}-{suffix}", suffix + 1
+        return name
+
     def next_seq(self) -> int:
         return 1 + max((c.seq for c in self._checkpoints.values()), default=0)
 

@@ -197,6 +197,7 @@ def find_ties(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
         if t.device.type == "meta" or t.numel() == 0:
             continue
         ident = (
+            t.device,
             t.untyped_storage().data_ptr(),
             t.storage_offset(),
             tuple(t.shape),

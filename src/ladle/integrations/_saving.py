@@ -125,12 +125,7 @@ class RunWriter:
 
     def free_name(self, base: str) -> str:
         """`base`, or `base-1`, `base-2`, ... when a checkpoint of that name exists (a resumed run)."""
-        run = self._writable()
-        existing = {c.name for c in run.checkpoints()}
-        name, suffix = base, 1
-        while name in existing:
-            name, suffix = f"{base}-{suffix}", suffix + 1
-        return name
+        return self._writable().free_name(base)
 
     def commit(
         self,
