@@ -75,7 +75,7 @@ def make_inputs(root: Path, params: float, members: int) -> tuple[Path, list[Pat
     import torch
     from safetensors.torch import save_file
 
-    from ladle.store import Run
+    from ladle.store.run import Run
 
     layout = shapes(params)
     run = Run(root / "run", create=True).acquire()

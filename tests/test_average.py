@@ -15,7 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ladle import average, average_to_file
-from ladle.average import AverageOptions, Averager, IntPolicy, build_plan, read_provenance
+from ladle.averaging.engine import AverageOptions, Averager, IntPolicy, build_plan, read_provenance
+from ladle.averaging.members import open_members
+from ladle.averaging.weights import Explicit, Recency, Softmax, Uniform, parse_weights
 from ladle.errors import (
     CheckpointNotFound,
     ConfigError,
@@ -24,9 +26,7 @@ from ladle.errors import (
     OutputExists,
 )
 from ladle.formats import DictSource, TensorInfo, TensorSource
-from ladle.members import open_members
-from ladle.store import Run
-from ladle.weights import Explicit, Recency, Softmax, Uniform, parse_weights
+from ladle.store.run import Run
 
 
 def _st(path: Path, tensors: dict[str, torch.Tensor], **metadata: str) -> Path:
@@ -579,7 +579,7 @@ def test_streaming_reads_one_key_from_every_member_before_the_next_key() -> None
 @pytest.fixture
 def tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     # `ladle.average` is the function; the module is in sys.modules.
-    monkeypatch.setattr(sys.modules["ladle.average"], "BLOCK", 4)
+    monkeypatch.setattr(sys.modules["ladle.averaging.engine"], "BLOCK", 4)
 
 
 def test_blocks_add_up_to_the_whole_tensor(tiny_blocks: None, tmp_path: Path) -> None:

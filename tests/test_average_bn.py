@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ladle import recalibrate_bn
-from ladle.bn import has_batchnorm
+from ladle.averaging.bn import has_batchnorm
 from ladle.errors import ConfigError
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ladle.cli.main import main
-from ladle.store import Run
+from ladle.store.run import Run
 
 
 def _st(path: Path, **tensors: torch.Tensor) -> str:

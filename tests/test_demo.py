@@ -21,7 +21,7 @@ from ladle.demo.evaluation import macro_f1, score_files
 from ladle.demo.model import build_model
 from ladle.demo.table import run_table, summarize
 from ladle.errors import ConfigError, OutputExists
-from ladle.store import Run
+from ladle.store.run import Run
 
 EPOCHS = 6  # enough for every recipe to have five checkpoints to choose from
 

@@ -22,8 +22,8 @@ from ladle.errors import (
     ModelFactoryError,
     OutputExists,
 )
-from ladle.export import ExampleInput, export_checkpoint, export_model, export_weights
 from ladle.formats import load_source
+from ladle.tools.export import ExampleInput, export_checkpoint, export_model, export_weights
 
 MODELS = """
 import torch

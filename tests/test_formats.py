@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import ladle.formats.safetensors_io as st_io
 from ladle.errors import CheckpointNotFound, CorruptCheckpoint, FormatError, OutputExists, UnsafeLoad
 from ladle.formats import DictSource, TensorInfo, load_source, save_tensors
-from ladle.store import Run
+from ladle.store.run import Run
 
 SD = {
     "linear.weight": torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
@@ -373,7 +373,7 @@ def test_a_state_dict_with_extra_state_dicts_is_still_one_state_dict(tmp_path: P
 
 
 def test_inspect_and_export_of_a_training_pickle_leave_the_optimizer_out(tmp_path: Path) -> None:
-    from ladle.export import export_weights
+    from ladle.tools.export import export_weights
 
     optimizer = {"state": {0: {"exp_avg": torch.ones(2, 2)}}, "param_groups": [{"lr": 0.1}]}
     torch.save({"model": SD, "optimizer": optimizer, "rng": torch.ByteTensor(8)}, tmp_path / "train.pt")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import ladle
-from ladle.history import HISTORY_LOG, parse_history, read_history
+from ladle.store.history import HISTORY_LOG, parse_history, read_history
 
 
 def losses(entries) -> list[float]:

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from ladle import EMA, CheckpointManager, CheckpointNotFound, Run
-from ladle.diff import diff_checkpoints
 from ladle.errors import ConfigError, FormatError, NotARunDirectory
-from ladle.inspection import inspect_checkpoint
-from ladle.pickle_scan import Opaque, TensorStub, scan_pickle
-from ladle.training_state import StateKind, classify
-from ladle.verification import verify_path
+from ladle.state.contents import StateKind, classify
+from ladle.state.pickle_scan import Opaque, TensorStub, scan_pickle
+from ladle.store.verification import verify_path
+from ladle.tools.diff import diff_checkpoints
+from ladle.tools.inspection import inspect_checkpoint
 
 
 def _net(seed: int = 0) -> nn.Module:

@@ -454,7 +454,7 @@ def test_missing_lightning_names_the_extra_to_install(monkeypatch: pytest.Monkey
 @pytest.mark.slow
 def test_importing_ladle_imports_no_training_framework() -> None:
     code = (
-        "import sys, ladle, ladle.soup, ladle.average; "
+        "import sys, ladle, ladle.averaging.soups, ladle.averaging.engine; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('lightning', 'pytorch_lightning', 'transformers')))"
     )

@@ -346,7 +346,7 @@ def test_cli_soup_of_a_plain_trainer_output_directory(tmp_path: Path) -> None:
 
 
 def test_cli_avg_of_a_trainer_output_directory_averages_its_checkpoints(tmp_path: Path) -> None:
-    from ladle.average import read_provenance
+    from ladle.averaging.engine import read_provenance
     from ladle.cli.main import main
 
     trainer, _ = train(tmp_path / "out", [])
@@ -364,9 +364,9 @@ def test_cli_avg_of_a_trainer_output_directory_averages_its_checkpoints(tmp_path
 
 
 def test_soup_of_sharded_trainer_checkpoints_in_a_ladle_run(tmp_path: Path) -> None:
+    from ladle.averaging.soups import soup
     from ladle.integrations._saving import RunWriter
-    from ladle.rules import SaveRules
-    from ladle.soup import soup
+    from ladle.policies.rules import SaveRules
 
     run = tmp_path / "run"
     states = []

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 import ladle
-from ladle.store import Run
+from ladle.store.run import Run
 
 HOLD = """
 import sys, time
-from ladle.store import Run
+from ladle.store.run import Run
 run = Run(sys.argv[1], create=True).acquire()
 print("locked", flush=True)
 time.sleep(60)

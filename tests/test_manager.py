@@ -120,7 +120,7 @@ def test_compiled_and_ddp_style_wrappers_save_clean_keys_and_load_into_either(tm
     for target in (plain, wrapped):
         with ladle.CheckpointManager(tmp_path / "run", model=target) as manager:
             manager.resume()
-        assert torch.equal(ladle.state.unwrap_model(target)[0].weight, model[0].weight)
+        assert torch.equal(ladle.state.model_weights.unwrap_model(target)[0].weight, model[0].weight)
 
 
 def test_ddp_wrapped_model_saves_clean_keys(tmp_path: Path) -> None:

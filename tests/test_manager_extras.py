@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import ladle
-from ladle.soup import RunningSoup
+from ladle.averaging.soups import RunningSoup
 from tests.conftest import tiny_model, train_steps
 
 

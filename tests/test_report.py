@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 import ladle
+from ladle.averaging.soups import soup
 from ladle.cli.main import main
 from ladle.errors import ConfigError, MissingDependency
-from ladle.report import load_history, plot_run, recipe_members, split_name
-from ladle.soup import soup
-from ladle.store import Run
+from ladle.store.run import Run
+from ladle.tools.report import load_history, plot_run, recipe_members, split_name
 
 
 def make_run(path: Path, epochs: int = 6, steps_per_epoch: int = 4, seed: int = 0) -> Path:
@@ -208,7 +208,7 @@ def test_the_cli_reports_bad_input_in_one_line_with_exit_2(
 
 
 def test_epochs_and_steps_map_onto_each_other_past_both_ends_of_the_run(tmp_path: Path) -> None:
-    from ladle.report import _XAxis
+    from ladle.tools.report import _XAxis
 
     run = make_run(tmp_path / "run", epochs=3, steps_per_epoch=4)
     axis = _XAxis("step", load_history(Run(run)))

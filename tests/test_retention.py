@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import ladle
 from ladle.errors import ConfigError
-from ladle.retention import KeepBest, KeepEvery, KeepLast, Record, to_delete
+from ladle.policies.retention import KeepBest, KeepEvery, KeepLast, Record, to_delete
 
 
 def records(losses: list[float], pinned: frozenset[int] = frozenset()) -> list[Record]:

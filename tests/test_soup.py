@@ -12,12 +12,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ladle import RunningSoup, soup
-from ladle.average import AverageOptions, RunningAverage, build_plan, read_provenance
-from ladle.errors import ConfigError, EmptySelection, OutputExists
-from ladle.formats import DictSource
-from ladle.members import member_from_source
-from ladle.metrics import Mode
-from ladle.recipes import (
+from ladle.averaging.engine import AverageOptions, RunningAverage, build_plan, read_provenance
+from ladle.averaging.members import member_from_source
+from ladle.averaging.recipes import (
     Greedy,
     Improved,
     Last,
@@ -30,7 +27,10 @@ from ladle.recipes import (
     parse_recipe,
     parse_window,
 )
-from ladle.store import CheckpointInfo, Run
+from ladle.errors import ConfigError, EmptySelection, OutputExists
+from ladle.formats import DictSource
+from ladle.metrics import Mode
+from ladle.store.run import CheckpointInfo, Run
 
 # -- recipes (no files) -------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ladle.integrations.argparse import add_averaging_args, averaged_model, averaged_state_dict
-from ladle.store import Run
+from ladle.store.run import Run
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import ladle
 from ladle.errors import ConfigError, NotARunDirectory, RunNotFound
-from ladle.store import INDEX_NAME, Run
+from ladle.store.run import INDEX_NAME, Run
 
 
 def commit(run: Run, step: int, metrics: dict | None = None, name: str | None = None) -> ladle.CheckpointInfo:

@@ -13,14 +13,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ladle.integrations.trainer_output as trainer_output
-import ladle.trainer_dirs as trainer_dirs
-from ladle.average import read_provenance
+import ladle.store.trainer_dirs as trainer_dirs
+from ladle.averaging.engine import read_provenance
+from ladle.averaging.members import expand
+from ladle.averaging.soups import select, soup
 from ladle.cli.main import main
 from ladle.errors import ConfigError, OutputExists
-from ladle.members import expand
-from ladle.soup import select, soup
-from ladle.store import Run
-from ladle.trainer_dirs import TrainerOutput, is_trainer_output, trainer_checkpoints
+from ladle.store.run import Run
+from ladle.store.trainer_dirs import TrainerOutput, is_trainer_output, trainer_checkpoints
 
 EVAL_LOSS = {2: 0.9, 4: 0.5, 6: 0.7, 8: 0.6}
 MODEL_FILES = {"config.json", "generation_config.json", "tokenizer.json"}
@@ -84,7 +84,7 @@ def test_the_integration_keeps_its_names() -> None:
 
 def test_reading_trainer_dirs_imports_no_training_framework() -> None:
     code = (
-        "import sys, ladle.trainer_dirs, ladle.integrations.trainer_output; "
+        "import sys, ladle.store.trainer_dirs, ladle.integrations.trainer_output; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'lightning')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

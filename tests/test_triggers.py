@@ -8,7 +8,7 @@ import pytest
 
 import ladle
 from ladle.errors import ConfigError
-from ladle.triggers import Event, EveryEpochs, EverySeconds, EverySteps, OnImprovement, OnThreshold
+from ladle.policies.triggers import Event, EveryEpochs, EverySeconds, EverySteps, OnImprovement, OnThreshold
 
 
 def event(kind="step", step=1, epoch=0, metrics=None, seconds=0.0) -> Event:

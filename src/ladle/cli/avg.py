@@ -16,7 +16,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from ladle.average import IntPolicy, average_to_file
+from ladle.averaging.engine import IntPolicy, average_to_file
 from ladle.cli.app import app, console, err_console, print_json
 from ladle.formats import OutputFormat
 

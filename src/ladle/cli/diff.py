@@ -10,7 +10,7 @@ from rich.text import Text
 
 from ladle.cli.app import app, console, fail, print_json
 from ladle.cli.display import examples, print_table, scientific
-from ladle.diff import Diff, DiffSort, TensorChange, diff_checkpoints
+from ladle.tools.diff import Diff, DiffSort, TensorChange, diff_checkpoints
 
 EXAMPLE = examples(
     "ladle diff runs/exp1/step-000001000 runs/exp1/step-000002000",

@@ -9,7 +9,7 @@ import typer
 from ladle.cli.app import app, console, fail, print_json
 from ladle.cli.display import examples, human_bytes
 from ladle.errors import ExportFailed, ExportMismatch
-from ladle.export import ExampleInput, ExportDtype, ExportResult, ExportTarget, export_checkpoint
+from ladle.tools.export import ExampleInput, ExportDtype, ExportResult, ExportTarget, export_checkpoint
 
 EXAMPLE = examples(
     "ladle export runs/exp1/step-000001000 -o model.safetensors --ema --dtype bf16",

@@ -11,8 +11,8 @@ from rich.text import Text
 
 from ladle.cli.app import app, console, fail, print_json
 from ladle.cli.display import examples, human_bytes, local_time, number, print_table
-from ladle.inspection import Inspection, inspect_checkpoint
-from ladle.training_state import format_count
+from ladle.state.contents import format_count
+from ladle.tools.inspection import Inspection, inspect_checkpoint
 
 EXAMPLE = examples(
     "ladle inspect runs/exp1/step-000001000",

@@ -12,7 +12,7 @@ from rich.text import Text
 from ladle.cli.app import app, console, fail, print_json
 from ladle.cli.display import examples, human_bytes, local_time, number, print_table
 from ladle.metrics import parse_mode
-from ladle.store import META_NAME, CheckpointInfo, Run
+from ladle.store.run import META_NAME, CheckpointInfo, Run
 
 EXAMPLE = examples(
     "ladle ls runs/exp1",

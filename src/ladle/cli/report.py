@@ -48,7 +48,7 @@ def report_command(
     a strip under the panels shows the members of each --recipe. Needs
     matplotlib (pip install 'ladle\\[plot]').
     """
-    from ladle.report import plot_run
+    from ladle.tools.report import plot_run
 
     result = plot_run(run, output, recipes=recipes or (), metrics=metrics, x=x, title=title)
     if as_json:

@@ -8,13 +8,13 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ladle.average import IntPolicy
+from ladle.averaging.engine import IntPolicy
+from ladle.averaging.members import is_run_dir
+from ladle.averaging.soups import SoupResult, load_callable, select, soup, weights_for
 from ladle.cli.app import app, console, fail, print_json
 from ladle.cli.avg import progress_bar
 from ladle.formats import OutputFormat
-from ladle.members import is_run_dir
-from ladle.soup import SoupResult, load_callable, select, soup, weights_for
-from ladle.trainer_dirs import is_trainer_output
+from ladle.store.trainer_dirs import is_trainer_output
 
 EXAMPLE = (
     "Examples:  ladle soup runs/exp1 -o soup.safetensors --recipe last:5   |   "

@@ -9,7 +9,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 
 from ladle.cli.app import app, console, err_console, print_json
 from ladle.cli.display import examples, human_bytes
-from ladle.verification import Verification, verify_path
+from ladle.store.verification import Verification, verify_path
 
 EXAMPLE = examples(
     "ladle verify runs/exp1",

@@ -17,14 +17,14 @@ from typing import Any
 
 from torch import nn
 
+from ladle.averaging.soups import soup
 from ladle.demo.config import DemoConfig
 from ladle.demo.data import Splits
 from ladle.demo.evaluation import Scores, score_files, score_model
 from ladle.demo.model import build_model
 from ladle.demo.training import EMA_MONITOR, MONITOR
 from ladle.errors import CheckpointNotFound
-from ladle.soup import soup
-from ladle.store import CheckpointInfo, Run
+from ladle.store.run import CheckpointInfo, Run
 
 IMPROVED = "improved:val_acc,val_f1:max,val_nll:min"
 """Checkpoints that set a new best on any validation metric (the BirdCLEF-style soup)."""

@@ -245,7 +245,7 @@ def run_demo(
     report_path: str | None = None
     skipped: str | None = None
     if report:
-        from ladle.report import plot_run
+        from ladle.tools.report import plot_run
 
         first = per_seed[0]
         try:

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ladle.averaging.ema import EMA
 from ladle.demo.config import DemoConfig
 from ladle.demo.data import Splits
 from ladle.demo.evaluation import score_model
 from ladle.demo.model import build_model
-from ladle.ema import EMA
-from ladle.manager import CheckpointManager
-from ladle.sampler import ResumableDataLoader
+from ladle.saving.manager import CheckpointManager
+from ladle.state.sampler import ResumableDataLoader
 
 MONITOR = "val_nll"
 """The metric that picks the best checkpoint (and the top-K soup): validation NLL, lower is better."""

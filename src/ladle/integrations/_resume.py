@@ -11,7 +11,7 @@ import logging
 import os
 
 from ladle.errors import CheckpointNotFound, CorruptCheckpoint
-from ladle.store import CheckpointInfo, Run, best_of
+from ladle.store.run import CheckpointInfo, Run, best_of
 
 log = logging.getLogger("ladle")
 

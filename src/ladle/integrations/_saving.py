@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ladle.metrics import is_finite_number
-from ladle.retention import prune
-from ladle.rules import SaveRules
-from ladle.state import ALIASES_KEY, tensors_for_safetensors
-from ladle.store import CheckpointInfo, Run
-from ladle.triggers import Clock, Event, Trigger
+from ladle.policies.retention import prune
+from ladle.policies.rules import SaveRules
+from ladle.policies.triggers import Clock, Event, Trigger
+from ladle.state.model_weights import ALIASES_KEY, tensors_for_safetensors
+from ladle.store.run import CheckpointInfo, Run
 
 log = logging.getLogger("ladle")
 

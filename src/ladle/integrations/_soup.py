@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
+from ladle.averaging.recipes import parse_recipe
+from ladle.averaging.soups import SoupResult, select, soup
 from ladle.errors import ConfigError
-from ladle.recipes import parse_recipe
-from ladle.soup import SoupResult, select, soup
-from ladle.store import Run
+from ladle.store.run import Run
 
 log = logging.getLogger("ladle")
 

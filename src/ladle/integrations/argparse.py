@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ladle.store import Run
+from ladle.store.run import Run
 
 DEFAULT_NUM_CKPTS = 5
 
@@ -67,7 +67,7 @@ def averaged_state_dict(
 
     `soup_options` go to `ladle.soup` (for example `key="ema"`, `window=...`).
     """
-    from ladle.soup import soup
+    from ladle.averaging.soups import soup
 
     if not getattr(args, "avg_ckpts", False):
         return None
@@ -80,7 +80,7 @@ def averaged_model(
     args: argparse.Namespace, run: Run | str | os.PathLike[str], model: nn.Module, **soup_options: Any
 ) -> nn.Module:
     """`model` with the top-k soup loaded when `--avg_ckpts` was given; unchanged otherwise."""
-    from ladle.state import load_model_weights
+    from ladle.state.model_weights import load_model_weights
 
     state = averaged_state_dict(args, run, **soup_options)
     if state is not None:

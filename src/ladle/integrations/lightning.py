@@ -34,18 +34,18 @@ from typing import Any
 
 import torch
 
-from ladle.ema import EMA, EMAConfig
+from ladle.averaging.ema import EMA, EMAConfig
+from ladle.averaging.soups import SoupResult
 from ladle.errors import CheckpointNotFound, ConfigError, MissingDependency
 from ladle.integrations._extras import import_first
 from ladle.integrations._resume import find_resumable
 from ladle.integrations._saving import RunWriter, safetensors_writer
 from ladle.integrations._soup import SoupPlan, soup_into_run, soup_to_file, soup_weights
 from ladle.metrics import Mode
-from ladle.retention import Keep, Policy
-from ladle.rules import SaveRules
-from ladle.soup import SoupResult
-from ladle.store import CheckpointInfo, Run, best_of
-from ladle.triggers import EveryEpochs, Trigger
+from ladle.policies.retention import Keep, Policy
+from ladle.policies.rules import SaveRules
+from ladle.policies.triggers import EveryEpochs, Trigger
+from ladle.store.run import CheckpointInfo, Run, best_of
 
 log = logging.getLogger("ladle")
 

@@ -13,11 +13,12 @@ import os
 
 import torch
 
-from ladle.average import IntPolicy
+from ladle.averaging.engine import IntPolicy
+from ladle.averaging.recipes import parse_recipe
+from ladle.averaging.soups import SoupResult, soup
+from ladle.averaging.weights import WeightsLike
 from ladle.errors import ConfigError
-from ladle.recipes import parse_recipe
-from ladle.soup import SoupResult, soup
-from ladle.trainer_dirs import (
+from ladle.store.trainer_dirs import (
     CHECKPOINT_PREFIX,
     TRAINER_STATE,
     TRAINING_FILES,
@@ -33,7 +34,6 @@ from ladle.trainer_dirs import (
     read_trainer_state,
     trainer_checkpoints,
 )
-from ladle.weights import WeightsLike
 
 SOUP_FOLDER = "soup"
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ladle.averaging.soups import SoupResult
 from ladle.errors import ConfigError, MissingDependency, StateMismatch
 from ladle.integrations._extras import import_first
 from ladle.integrations._resume import find_resumable
@@ -51,10 +52,9 @@ from ladle.integrations.trainer_output import (
     metrics_at,
 )
 from ladle.metrics import Mode
-from ladle.retention import Keep, Policy
-from ladle.rules import SaveRules
-from ladle.soup import SoupResult
-from ladle.triggers import Event, EveryEpochs, EverySteps, OnImprovement, OnThreshold, Trigger
+from ladle.policies.retention import Keep, Policy
+from ladle.policies.rules import SaveRules
+from ladle.policies.triggers import Event, EveryEpochs, EverySteps, OnImprovement, OnThreshold, Trigger
 
 log = logging.getLogger("ladle")
 

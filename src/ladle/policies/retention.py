@@ -16,7 +16,7 @@ from ladle.errors import ConfigError
 from ladle.metrics import Mode, is_finite_number, parse_mode, sort_key
 
 if TYPE_CHECKING:
-    from ladle.store import Run
+    from ladle.store.run import Run
 
 log = logging.getLogger("ladle")
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from ladle.errors import ConfigError
 from ladle.metrics import Mode, is_finite_number, parse_mode
-from ladle.retention import Keep, Policy
-from ladle.triggers import EveryEpochs, EverySeconds, EverySteps, OnImprovement, OnThreshold, Trigger
+from ladle.policies.retention import Keep, Policy
+from ladle.policies.triggers import EveryEpochs, EverySeconds, EverySteps, OnImprovement, OnThreshold, Trigger
 
 
 def _positive_int(value: Any, name: str) -> None:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ladle.errors import ConfigError, StateMismatch
-from ladle.state import clean_key, unwrap_model
+from ladle.state.model_weights import clean_key, unwrap_model
 
 log = logging.getLogger("ladle")
 

@@ -41,12 +41,12 @@ from typing import Any
 import torch
 
 from ladle._version import __version__
+from ladle.averaging.members import InputLike, Member, close_members, open_members
+from ladle.averaging.weights import Weighting, WeightsLike, parse_weights
 from ladle.errors import ConfigError, IncompatibleMembers, NonFiniteValues
 from ladle.formats import TensorInfo, atomic_path, output_format, save_tensors, sidecar_path
 from ladle.formats.source import read_into
 from ladle.formats.write import OutputFormat, SafetensorsWriter, check_destination, write_json
-from ladle.members import InputLike, Member, close_members, open_members
-from ladle.weights import Weighting, WeightsLike, parse_weights
 
 log = logging.getLogger("ladle")
 

@@ -39,9 +39,9 @@ from ladle.errors import (
 )
 from ladle.formats import TensorInfo, TensorSource, atomic_path, load_source
 from ladle.formats.write import SafetensorsWriter
-from ladle.model_factory import ModelSpec, build_model
-from ladle.refs import resolve_checkpoint
-from ladle.state import check_model_fits, load_model_weights
+from ladle.state.model_weights import check_model_fits, load_model_weights
+from ladle.store.refs import resolve_checkpoint
+from ladle.tools.model_factory import ModelSpec, build_model
 
 log = logging.getLogger("ladle")
 

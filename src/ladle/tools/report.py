@@ -1,9 +1,9 @@
 """Learning curves of a run, with its checkpoints, the best one and a soup's members marked.
 
-    ladle.report.plot_run("runs/exp1", "report.png", recipes=["top:5:val_loss:min"])
+    ladle.tools.report.plot_run("runs/exp1", "report.png", recipes=["top:5:val_loss:min"])
 
 The metrics come from the run itself: the manager appends every reported metric
-to the run's `history.jsonl` (see `ladle.history`), which covers
+to the run's `history.jsonl` (see `ladle.store.history`), which covers
 the run; a run without one is drawn from the metrics in each `meta.json`.
 
 One panel per metric: names that differ only by a split or variant token
@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ladle.errors import ConfigError, MissingDependency
-from ladle.history import read_history
 from ladle.metrics import is_finite_number
-from ladle.store import CheckpointInfo, Run
+from ladle.store.history import read_history
+from ladle.store.run import CheckpointInfo, Run
 
 log = logging.getLogger("ladle")
 
@@ -117,8 +117,8 @@ def recipe_members(run: Run, spec: str) -> Marked:
     """The members of a recipe string, or of a soup file (read from its provenance)."""
     if os.path.isfile(spec):
         return _soup_file_members(run, spec)
-    from ladle.recipes import parse_recipe
-    from ladle.soup import select
+    from ladle.averaging.recipes import parse_recipe
+    from ladle.averaging.soups import select
 
     recipe = parse_recipe(spec)
     if recipe.select.needs_evaluate:
@@ -131,7 +131,7 @@ def recipe_members(run: Run, spec: str) -> Marked:
 
 
 def _soup_file_members(run: Run, path: str) -> Marked:
-    from ladle.average import read_provenance
+    from ladle.averaging.engine import read_provenance
 
     try:
         record = read_provenance(path)

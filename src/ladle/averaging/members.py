@@ -34,9 +34,9 @@ from ladle.errors import CheckpointNotFound, ConfigError
 from ladle.formats import DictSource, TensorSource, load_source
 from ladle.formats.load import HF_WEIGHT_FILES
 from ladle.formats.torch_io import is_torch_file
-from ladle.storage import LocalStorage
-from ladle.store import INDEX_NAME, META_NAME, CheckpointInfo, Run, sha256_file
-from ladle.trainer_dirs import is_trainer_output, trainer_checkpoints
+from ladle.store.run import INDEX_NAME, META_NAME, CheckpointInfo, Run, sha256_file
+from ladle.store.storage import LocalStorage
+from ladle.store.trainer_dirs import is_trainer_output, trainer_checkpoints
 
 log = logging.getLogger("ladle")
 

@@ -32,7 +32,7 @@ def is_stateful(obj: Any) -> bool:
 
 def kind_of(obj: Any) -> str:
     """A short name for what an object is, recorded so tools can say what a checkpoint holds."""
-    from ladle.sampler import ResumableDataLoader, ResumableSampler
+    from ladle.state.sampler import ResumableDataLoader, ResumableSampler
 
     checks: list[tuple[type | tuple[type, ...], str]] = [
         (nn.Module, "model"),

@@ -24,10 +24,7 @@ import torch
 
 from ladle.errors import CheckpointNotFound, CorruptCheckpoint, FormatError, UnsafeLoad
 from ladle.formats import load_source
-from ladle.pickle_scan import Opaque, scan_pickle
-from ladle.refs import is_run_dir, resolve_checkpoint
-from ladle.store import META_NAME, CheckpointInfo, Run
-from ladle.training_state import (
+from ladle.state.contents import (
     StateItem,
     StateKind,
     count_tensors,
@@ -37,6 +34,9 @@ from ladle.training_state import (
     opaque_name,
     summarize,
 )
+from ladle.state.pickle_scan import Opaque, scan_pickle
+from ladle.store.refs import is_run_dir, resolve_checkpoint
+from ladle.store.run import META_NAME, CheckpointInfo, Run
 
 log = logging.getLogger("ladle")
 

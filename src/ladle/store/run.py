@@ -33,9 +33,9 @@ from ladle.errors import (
     RunError,
     RunNotFound,
 )
-from ladle.lock import LOCK_NAME, RunLock
 from ladle.metrics import Mode, is_finite_number, sort_key
-from ladle.storage import LocalStorage, Storage, atomic_write, storage_for
+from ladle.store.lock import LOCK_NAME, RunLock
+from ladle.store.storage import LocalStorage, Storage, atomic_write, storage_for
 
 log = logging.getLogger("ladle")
 

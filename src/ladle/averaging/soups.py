@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ladle.average import (
+from ladle.averaging.engine import (
     PROVENANCE_KEY,
     AverageOptions,
     IntPolicy,
@@ -62,6 +62,9 @@ from ladle.average import (
     warn_batchnorm,
     write_average,
 )
+from ladle.averaging.members import Member, close_members, is_run_dir, member_from_source, open_members
+from ladle.averaging.recipes import Greedy, Recipe, Top, Window, parse_recipe
+from ladle.averaging.weights import Uniform, Weighting, WeightsLike, parse_weights
 from ladle.errors import ConfigError, EmptySelection, OutputExists
 from ladle.formats import load_source, save_tensors, sidecar_path
 from ladle.formats.load import ladle_weights_file
@@ -72,12 +75,9 @@ from ladle.formats.write import (
     write_json,
     write_safetensors,
 )
-from ladle.members import Member, close_members, is_run_dir, member_from_source, open_members
 from ladle.metrics import Mode, is_finite_number
-from ladle.recipes import Greedy, Recipe, Top, Window, parse_recipe
-from ladle.store import CheckpointInfo, Run
-from ladle.trainer_dirs import TrainerOutput, copy_model_files, is_trainer_output
-from ladle.weights import Uniform, Weighting, WeightsLike, parse_weights
+from ladle.store.run import CheckpointInfo, Run
+from ladle.store.trainer_dirs import TrainerOutput, copy_model_files, is_trainer_output
 
 log = logging.getLogger("ladle")
 
@@ -501,7 +501,7 @@ class _Scorer:
         with torch.no_grad():
             if self.model is None:
                 return _score(self.evaluate(dict(state)), self.metric)
-            from ladle.state import load_model_weights
+            from ladle.state.model_weights import load_model_weights
 
             load_model_weights(self.model, state, strict=True)
             return _score(self.evaluate(self.model), self.metric)

@@ -27,7 +27,7 @@ from typing import Any
 
 from ladle.errors import FormatError, RunNotFound
 from ladle.metrics import is_finite_number
-from ladle.store import CheckpointInfo
+from ladle.store.run import CheckpointInfo
 
 log = logging.getLogger("ladle")
 

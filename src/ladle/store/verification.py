@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ladle.errors import CheckpointNotFound, NotARunDirectory
-from ladle.storage import storage_for
-from ladle.store import (
+from ladle.store.run import (
     INDEX_NAME,
     META_NAME,
     CheckpointInfo,
     Run,
     verify_checkpoint,
 )
+from ladle.store.storage import storage_for
 
 # Files whose presence marks a folder as (part of) a checkpoint.
 _CHECKPOINT_FILES = (".safetensors", ".pt", ".pth", ".bin")

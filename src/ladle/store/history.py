@@ -17,8 +17,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ladle.storage import LocalStorage, atomic_write
-from ladle.store import Run
+from ladle.store.run import Run
+from ladle.store.storage import LocalStorage, atomic_write
 
 log = logging.getLogger("ladle")
 

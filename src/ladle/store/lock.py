@@ -16,7 +16,7 @@ import socket
 import time
 
 from ladle.errors import RunLocked
-from ladle.storage import LocalStorage, Storage
+from ladle.store.storage import LocalStorage, Storage
 
 log = logging.getLogger("ladle")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from ladle.store import INDEX_NAME, META_NAME, Run
+from ladle.store.run import INDEX_NAME, META_NAME, Run
 
 REFERENCES = ("best", "latest")
 

@@ -39,7 +39,7 @@ from enum import Enum
 
 from ladle.errors import ConfigError
 from ladle.metrics import Mode, is_better, is_finite_number, parse_mode, sort_key
-from ladle.store import CheckpointInfo
+from ladle.store.run import CheckpointInfo
 
 log = logging.getLogger("ladle")
 

@@ -20,7 +20,7 @@ import torch
 
 from ladle.errors import ConfigError
 from ladle.formats import TensorSource, load_source
-from ladle.refs import resolve_checkpoint
+from ladle.store.refs import resolve_checkpoint
 
 _CHUNK = 1 << 22  # elements compared at a time (32 MiB in float64)
 

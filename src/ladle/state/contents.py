@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ladle.pickle_scan import Opaque, TensorStub
+from ladle.state.pickle_scan import Opaque, TensorStub
 
 
 class StateKind(str, Enum):

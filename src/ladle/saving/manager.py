@@ -32,12 +32,12 @@ from ladle.errors import (
     ManagerClosed,
     StateMismatch,
 )
-from ladle.history import HistoryLog
 from ladle.metrics import Mode
-from ladle.retention import Keep, Policy, prune
-from ladle.rng import capture_rng, restore_rng
-from ladle.rules import SaveRules
-from ladle.state import (
+from ladle.policies.retention import Keep, Policy, prune
+from ladle.policies.rules import SaveRules
+from ladle.policies.stopping import EarlyStopping
+from ladle.policies.triggers import Clock, Event, EveryEpochs, Trigger
+from ladle.state.model_weights import (
     ALIASES_KEY,
     STATE_FORMAT,
     check_model_fits,
@@ -49,9 +49,9 @@ from ladle.state import (
     tensors_for_safetensors,
     with_aliases,
 )
-from ladle.stopping import EarlyStopping
-from ladle.store import CheckpointInfo, Run, check_readable, checkpoint_name, sha256_file
-from ladle.triggers import Clock, Event, EveryEpochs, Trigger
+from ladle.state.rng import capture_rng, restore_rng
+from ladle.store.history import HistoryLog
+from ladle.store.run import CheckpointInfo, Run, check_readable, checkpoint_name, sha256_file
 
 log = logging.getLogger("ladle")
 
@@ -531,7 +531,7 @@ class CheckpointManager:
                 )
             return best
         if isinstance(which, str) and ("/" in which or which.startswith(".")):
-            from ladle.storage import storage_for
+            from ladle.store.storage import storage_for
 
             storage, path = storage_for(which)
             if storage.isfile(storage.join(path, "meta.json")):
@@ -711,7 +711,7 @@ class CheckpointManager:
 
     def soup(self, recipe: str, output: str | None = None, **kwargs: Any) -> Any:
         """Average this run's checkpoints by `recipe` (see `ladle.soup`)."""
-        from ladle.soup import soup
+        from ladle.averaging.soups import soup
 
         return soup(self.run, recipe, output=output, **kwargs)
 
