@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import queue
+import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from tests.s3_server import s3_bucket, s3_endpoint  # noqa: F401 - fixtures: a moto S3 server on 127.0.0.1
+
 SCRIPTS = Path(__file__).parent / "scripts"
+
+# Modules that need an optional extra are left out where it is not installed: `make test` also
+# runs the fast tests on the oldest and newest supported Pythons, with no extras.
+collect_ignore = [
+    name
+    for name, extra in (
+        ("test_integration_lightning.py", "lightning"),
+        ("test_integration_transformers.py", "transformers"),
+    )
+    if importlib.util.find_spec(extra) is None
+]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -38,3 +57,66 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, 
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
+
+class ScriptServer:
+    """`main(argv)` of a test script run in forked children of one interpreter (`fork_server.py`).
+
+    Starting Python and importing torch is most of what a subprocess test costs; the
+    server pays it once, and every child is still a real process that can be killed.
+    """
+
+    def __init__(self, script: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(SCRIPTS / "fork_server.py"), str(script)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        assert self.line(timeout=300) == "server ready"
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put("server gone")
+
+    def line(self, timeout: float = 120) -> str:
+        """The next line a child (or the server) printed."""
+        return self._lines.get(timeout=timeout)
+
+    def start(self, *argv: str) -> int:
+        """Fork a child running `main(argv)`; its pid."""
+        assert self.process.stdin is not None
+        self.process.stdin.write("run " + json.dumps(list(argv)) + "\n")
+        self.process.stdin.flush()
+        line = self.line()
+        assert line.startswith("pid "), line
+        return int(line.split()[1])
+
+    def wait(self, timeout: float = 120) -> int:
+        """The exit code of the running child (-9 after a SIGKILL), skipping its output."""
+        while not (line := self.line(timeout)).startswith("exit "):
+            assert line != "server gone", "the fork server died"
+        return int(line.split()[1])
+
+    def run(self, *argv: str) -> int:
+        self.start(*argv)
+        return self.wait()
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def train_tiny() -> Iterator[ScriptServer]:
+    """`tests/scripts/train_tiny.py` in forked children (see `ScriptServer`)."""
+    server = ScriptServer(SCRIPTS / "train_tiny.py")
+    yield server
+    server.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -15,18 +14,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ladle import average, average_to_file
-from ladle.averaging.engine import AverageOptions, Averager, IntPolicy, build_plan, read_provenance
+from ladle.averaging.engine import Averager
+from ladle.averaging.int_policies import IntPolicy
 from ladle.averaging.members import open_members
-from ladle.averaging.weights import Explicit, Recency, Softmax, Uniform, parse_weights
+from ladle.averaging.plan import AverageOptions, build_plan
 from ladle.errors import (
-    CheckpointNotFound,
     ConfigError,
     IncompatibleMembers,
     NonFiniteValues,
     OutputExists,
 )
 from ladle.formats import DictSource, TensorInfo, TensorSource
-from ladle.store.run import Run
 
 
 def _st(path: Path, tensors: dict[str, torch.Tensor], **metadata: str) -> Path:
@@ -38,98 +36,6 @@ def _files(tmp_path: Path, *values: list[float], dtype: torch.dtype = torch.floa
     return [
         _st(tmp_path / f"c{i}.safetensors", {"w": torch.tensor(v, dtype=dtype)}) for i, v in enumerate(values)
     ]
-
-
-# -- weights ------------------------------------------------------------------------------------------
-
-
-def test_uniform_average_of_three_files(tmp_path: Path) -> None:
-    files = _files(tmp_path, [1.0, 2.0], [3.0, 4.0], [5.0, 9.0])
-    out = average(files)
-    assert out["w"].tolist() == [3.0, 5.0]
-    assert out["w"].dtype == torch.float32
-
-
-def test_explicit_weights_are_normalized(tmp_path: Path) -> None:
-    files = _files(tmp_path, [4.0], [8.0], [0.0])
-    assert average(files, weights="2,1,1")["w"].tolist() == [4.0]
-    assert average(files, weights=[0.5, 0.25, 0.25])["w"].tolist() == [4.0]
-
-
-def test_softmax_weights_follow_the_metric(tmp_path: Path) -> None:
-    a = _st(tmp_path / "a.pt.safetensors", {"w": torch.tensor([0.0])})
-    b = _st(tmp_path / "b.safetensors", {"w": torch.tensor([1.0])})
-    sources = [
-        DictSource(load_file(str(p)), path=str(p), metadata={"metrics": {"acc": m}})
-        for p, m in ((a, 1.0), (b, 0.0))
-    ]
-    # w_a : w_b = e^(1/0.5) : e^0, so the mean is 1 / (1 + e^2)
-    out = average(sources, weights="softmax:acc:max:0.5")
-    expected = 1.0 / (1.0 + torch.e**2)
-    assert out["w"].item() == pytest.approx(expected, rel=1e-6)
-    out_min = average(sources, weights="softmax:acc:min:0.5")
-    assert out_min["w"].item() == pytest.approx(1.0 - expected, rel=1e-6)
-
-
-def test_recency_weights_halve_per_half_life(tmp_path: Path) -> None:
-    old = DictSource({"w": torch.tensor([0.0])}, path="old", metadata={"step": 100})
-    new = DictSource({"w": torch.tensor([3.0])}, path="new", metadata={"step": 200})
-    # weights 0.5 : 1 -> normalized 1/3, 2/3 -> mean 2
-    assert average([old, new], weights="recency:100")["w"].item() == pytest.approx(2.0, rel=1e-7)
-
-
-@pytest.mark.parametrize(
-    ("spec", "expected"),
-    [
-        ("uniform", Uniform()),
-        (None, Uniform()),
-        ("1,2,3", Explicit(values=(1.0, 2.0, 3.0))),
-        ([0.5, 0.5], Explicit(values=(0.5, 0.5))),
-        ("softmax:val_loss:min", Softmax(metric="val_loss", mode="min", temperature=1.0)),  # type: ignore[arg-type]
-        ("softmax:acc:max:0.1", Softmax(metric="acc", mode="max", temperature=0.1)),  # type: ignore[arg-type]
-        ("recency:500", Recency(half_life=500.0)),
-    ],
-)
-def test_weight_specs_parse(spec: object, expected: object) -> None:
-    assert parse_weights(spec) == expected  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("spec", ["uniform", "1,2,3", "softmax:acc:max:0.5", "recency:500"])
-def test_weight_specs_round_trip(spec: str) -> None:
-    assert str(parse_weights(spec)) == spec
-
-
-@pytest.mark.parametrize(
-    ("spec", "message"),
-    [
-        ("1,-1", r"weight of .*b\.safetensors is -1; weights must not be negative"),
-        ("0,0", "all weights are zero"),
-        ("1,nan", r"weight of .*b\.safetensors is nan"),
-        ("1,2,3", "3 numbers for 2 members"),
-        ("softmax:acc", r"write softmax:METRIC:min\|max\[:TEMPERATURE\]"),
-        ("softmax:acc:max:0", "temperature=0.0 must be a number above 0"),
-        ("softmax:acc:up", "'up' is not a direction"),
-        ("recency:-5", "half_life=-5.0 must be a number of steps above 0"),
-        ("bogus", "weights 'bogus' not understood"),
-    ],
-)
-def test_bad_weights_are_refused_with_a_reason(tmp_path: Path, spec: str, message: str) -> None:
-    a = _st(tmp_path / "a.safetensors", {"w": torch.ones(1)})
-    b = _st(tmp_path / "b.safetensors", {"w": torch.ones(1)})
-    with pytest.raises(ConfigError, match=message):
-        average([a, b], weights=spec)
-
-
-def test_softmax_needs_the_metric_on_every_member(tmp_path: Path) -> None:
-    files = _files(tmp_path, [1.0], [2.0])
-    with pytest.raises(ConfigError, match=r"c0\.safetensors: no finite value of 'acc'"):
-        average(files, weights="softmax:acc:max")
-
-
-def test_recency_needs_steps(tmp_path: Path) -> None:
-    files = _files(tmp_path, [1.0], [2.0])
-    with pytest.raises(ConfigError, match=r"c0\.safetensors: no recorded step; recency weights need"):
-        average(files, weights="recency:10")
 
 
 # -- integer policies ---------------------------------------------------------------------------------
@@ -192,7 +98,7 @@ def test_unknown_int_policy_is_refused() -> None:
     with pytest.raises(
         ConfigError, match="int_policy='mean' is not known; use one of newest, first, floor-mean, error"
     ):
-        AverageOptions(int_policy="mean")  # type: ignore[arg-type]
+        AverageOptions(int_policy="mean")
 
 
 # -- dtypes -------------------------------------------------------------------------------------------
@@ -389,115 +295,7 @@ def test_scalars_and_empty_tensors() -> None:
     assert out["e"].shape == (0, 3)
 
 
-# -- inputs ---------------------------------------------------------------------------------------------
-
-
-def test_same_file_twice_counts_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    a, b = _files(tmp_path, [0.0], [3.0])
-    with caplog.at_level(logging.WARNING, logger="ladle"):
-        out = average([a, a, b])
-    assert out["w"].tolist() == [1.5]
-    assert "c0.safetensors is given twice; counting it once" in caplog.text
-
-
-def test_hard_links_count_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    a, b = _files(tmp_path, [0.0], [3.0])
-    os.link(a, tmp_path / "best.safetensors")
-    with caplog.at_level(logging.WARNING, logger="ladle"):
-        out = average([a, tmp_path / "best.safetensors", b])
-    assert out["w"].tolist() == [1.5]
-    assert "best.safetensors is the same file as" in caplog.text
-
-
-def test_duplicates_can_be_kept_on_request(tmp_path: Path) -> None:
-    a, b = _files(tmp_path, [0.0], [3.0])
-    assert average([a, a, b], dedupe=False)["w"].tolist() == [1.0]
-
-
-def test_identical_copies_are_both_counted_with_a_notice(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    a, b = _files(tmp_path, [0.0], [3.0])
-    copy = tmp_path / "copy.safetensors"
-    copy.write_bytes(a.read_bytes())
-    with caplog.at_level(logging.WARNING, logger="ladle"):
-        average_to_file([a, copy, b], tmp_path / "out.safetensors")
-    assert "has the same contents as" in caplog.text
-    assert load_file(str(tmp_path / "out.safetensors"))["w"].tolist() == [1.0]
-
-
-def test_globs_expand_in_natural_order(tmp_path: Path) -> None:
-    for i in (1, 2, 10):
-        _st(tmp_path / f"ckpt_{i}.safetensors", {"w": torch.tensor([float(i)])})
-    members = open_members([str(tmp_path / "ckpt_*.safetensors")])
-    assert [Path(m.label).name for m in members] == [
-        "ckpt_1.safetensors",
-        "ckpt_2.safetensors",
-        "ckpt_10.safetensors",
-    ]
-    for m in members:
-        m.close()
-
-
-def test_a_folder_of_checkpoints_expands(tmp_path: Path) -> None:
-    folder = tmp_path / "ckpts"
-    folder.mkdir()
-    _st(folder / "a.safetensors", {"w": torch.tensor([1.0])})
-    torch.save({"w": torch.tensor([5.0])}, folder / "b.pt")
-    (folder / "notes.txt").write_text("not a checkpoint")
-    assert average([folder])["w"].tolist() == [3.0]
-
-
-def test_glob_without_matches_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointNotFound, match=r"\*\.pt: the pattern matches nothing"):
-        average([str(tmp_path / "*.pt")])
-
-
-def _run(tmp_path: Path, values: list[float]) -> Run:
-    run = Run(tmp_path / "run", create=True).acquire()
-    for i, v in enumerate(values, start=1):
-        pending = run.begin(f"step-{i * 100:09d}")
-        pending.write(
-            "model.safetensors",
-            lambda p, v=v, i=i: save_file({"w": torch.tensor([v]), "n": torch.tensor(i)}, p),
-        )
-        pending.commit(step=i * 100, epoch=i, metrics={"loss": 1.0 / i})
-    run.release()
-    return run
-
-
-def test_a_run_expands_to_its_checkpoints_and_run_at_ref_picks_one(tmp_path: Path) -> None:
-    _run(tmp_path, [1.0, 2.0, 6.0])
-    assert average([tmp_path / "run"])["w"].tolist() == [3.0]
-    assert average([f"{tmp_path / 'run'}@100", f"{tmp_path / 'run'}@step-000000300"])["w"].tolist() == [3.5]
-    assert average([tmp_path / "run"])["n"].item() == 3  # newest by step
-
-
 # -- files and provenance -----------------------------------------------------------------------------
-
-
-def test_average_to_file_records_provenance(tmp_path: Path) -> None:
-    _run(tmp_path, [1.0, 3.0])
-    loose = _st(tmp_path / "loose.safetensors", {"w": torch.tensor([5.0]), "n": torch.tensor(9)})
-    out = tmp_path / "soup.safetensors"
-    result = average_to_file([tmp_path / "run", loose], out, weights="1,1,2", recipe="hand-picked")
-    assert load_file(str(out))["w"].tolist() == [3.5]
-    record = read_provenance(out)
-    assert record == json.loads((tmp_path / "soup.safetensors.json").read_text())
-    assert record == result.provenance
-    assert record["recipe"] == "hand-picked"
-    assert record["weighting"] == "1,1,2"
-    assert [m["weight"] for m in record["members"]] == [0.25, 0.25, 0.5]
-    assert [m["step"] for m in record["members"]] == [100, 200, None]
-    meta = json.loads((tmp_path / "run" / "step-000000100" / "meta.json").read_text())
-    assert record["members"][0]["sha256"] == meta["files"]["model.safetensors"]["sha256"]
-    assert record["members"][2]["sha256"] == hashlib.sha256(loose.read_bytes()).hexdigest()
-    assert (record["dtype"], record["accumulate"], record["int_policy"]) == (
-        "as members",
-        "float32",
-        "newest",
-    )
-    assert record["ladle_version"]
 
 
 def test_output_is_refused_before_any_work_without_force(tmp_path: Path) -> None:
@@ -573,7 +371,7 @@ def test_streaming_reads_one_key_from_every_member_before_the_next_key() -> None
     ]  # fmt: skip
     # two accumulators (one being written, one computed), each as large as the largest tensor,
     # whatever the number of members
-    assert [b.numel() for b in averager._accs] == [3 * 4, 3 * 4]
+    assert averager.accumulator_bytes == 2 * 3 * 4
 
 
 @pytest.fixture
@@ -606,3 +404,35 @@ def test_the_engine_leaves_torch_threads_as_it_found_them(tmp_path: Path) -> Non
     before = torch.get_num_threads()
     average(_files(tmp_path, [1.0], [2.0]))
     assert torch.get_num_threads() == before
+
+
+def test_the_mixed_dtype_hint_is_not_given_for_a_key_that_only_has_float_in_its_name() -> None:
+    a = DictSource({"float_scale": torch.ones(2)}, path="a")
+    b = DictSource({"float_scale": torch.ones(3)}, path="b")
+    with pytest.raises(IncompatibleMembers) as caught:
+        average([a, b])
+    assert "'float_scale' is [2] in a but [3] in b" in str(caught.value)
+    assert "--dtype" not in str(caught.value)
+
+
+@pytest.mark.parametrize("policy", ["newest", "first", "floor-mean"])
+def test_the_streaming_and_the_running_average_combine_integers_alike(policy: str) -> None:
+    from ladle.averaging.running_average import RunningAverage
+
+    members = open_members(
+        [
+            DictSource({"n": torch.tensor([7, 2]), "w": torch.ones(1)}, path="a", metadata={"step": 1}),
+            DictSource({"n": torch.tensor([8, 2]), "w": torch.ones(1)}, path="b", metadata={"step": 3}),
+            DictSource({"n": torch.tensor([10, 2]), "w": torch.ones(1)}, path="c", metadata={"step": 2}),
+        ]
+    )
+    options = AverageOptions(int_policy=policy)
+    plan = build_plan(members, options)
+    running = RunningAverage(plan, options)
+    for position, member in enumerate(members):
+        assert member.step is not None
+        running.add(RunningAverage.load(member, plan), (member.step, position))
+    streamed = average(members, int_policy=policy)["n"]
+    assert torch.equal(running.state()["n"], streamed)
+    expected = {"newest": [8, 2], "first": [7, 2], "floor-mean": [8, 2]}[policy]
+    assert streamed.tolist() == expected

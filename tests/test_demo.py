@@ -312,3 +312,29 @@ def test_without_matplotlib_the_demo_still_runs_and_says_why_there_is_no_report(
     assert "pip install 'ladle[plot]'" in (result.report_skipped or "")
     assert not (tmp_path / "report.png").exists()
     assert load_results(str(tmp_path))["report"] is None
+
+
+def test_an_unknown_scenario_is_refused_naming_the_choices() -> None:
+    with pytest.raises(ConfigError, match=r"scenario='tiny' is not known; use digits or small-val"):
+        DemoConfig(scenario="tiny")
+
+
+def test_the_small_validation_scenario_recalibrates_its_soups_and_adds_greedy_on_halves(
+    tmp_path: Path,
+) -> None:
+    from ladle import read_provenance
+
+    result = run_demo(DemoConfig(scenario="small-val", epochs=EPOCHS), str(tmp_path / "out"), report=False)
+    seed = result.per_seed[0]
+    assert seed.data["val"] == 114
+    keys = [c.key for c in seed.contenders]
+    assert keys[-3:] == ["greedy-nll", "greedy-halves", "ensemble"]
+    for contender in seed.contenders:
+        if contender.kind != "soup":
+            continue
+        record = read_provenance(str(tmp_path / "out" / contender.files[0]))
+        assert record is not None
+        averaged = len(contender.members) > 1
+        assert record.get("batchnorm", {}).get("recalibrated", False) is averaged, contender.key
+    halves = next(c for c in seed.contenders if c.key == "greedy-halves")
+    assert all(step["reason"] for step in halves.details["greedy"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import textwrap
 import warnings
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,16 @@ from ladle.errors import (
     OutputExists,
 )
 from ladle.formats import load_source
-from ladle.tools.export import ExampleInput, export_checkpoint, export_model, export_weights
+from ladle.tools.export import export_checkpoint
+from ladle.tools.export_model import export_model
+from ladle.tools.export_spec import ExampleInput
+from ladle.tools.export_weights import export_weights
+
+# ONNX exports need the `onnx` extra (onnx, onnxscript, onnxruntime); the fast suite runs without it.
+needs_onnx = pytest.mark.skipif(
+    any(find_spec(name) is None for name in ("onnx", "onnxscript", "onnxruntime")),
+    reason="needs the onnx extra: pip install 'ladle[onnx]'",
+)
 
 MODELS = """
 import torch
@@ -233,12 +243,15 @@ def test_torchscript_export_of_a_cnn_runs_like_eager(models_py: Path, cnn_ckpt: 
     assert result.weights == "ema" and result.exporter == "torch.jit.trace"
     x = torch.randn(3, 3, 8, 8)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load is deprecated in torch 2.13
+        # torch.jit.load is deprecated: a DeprecationWarning in torch 2.13, a FutureWarning from 2.14
+        warnings.filterwarnings("ignore", r"`torch\.jit\.load` is deprecated", DeprecationWarning)
+        warnings.filterwarnings("ignore", r"`torch\.jit\.load` is deprecated", FutureWarning)
         loaded = torch.jit.load(str(out))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), _eager(models_py, "cnn", cnn_ckpt, key="ema")(x))
 
 
+@needs_onnx
 def test_onnx_export_of_a_cnn_matches_eager_in_onnxruntime(
     models_py: Path, cnn_ckpt: Path, tmp_path: Path
 ) -> None:
@@ -269,6 +282,7 @@ def test_torchscript_export_of_a_transformer_block_with_token_inputs(
     assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4
 
 
+@needs_onnx
 def test_onnx_export_of_a_transformer_block(models_py: Path, lm_ckpt: Path, tmp_path: Path) -> None:
     result = export_model(
         lm_ckpt,
@@ -369,14 +383,14 @@ def test_an_input_shape_the_model_cannot_take_is_bad_input(
 def test_onnx_without_its_optional_packages_says_how_to_install_them(
     models_py: Path, cnn_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
-    with pytest.raises(
-        MissingDependency, match=r"optional package 'onnxruntime'.*pip install 'ladle\[onnx\]'"
-    ):
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import name` fail, installed or not
+    with pytest.raises(MissingDependency, match=r"optional package 'onnx'.*pip install 'ladle\[onnx\]'"):
         export_model(cnn_ckpt, tmp_path / "x.onnx", model=f"{models_py}:cnn", inputs=[(1, 3, 8, 8)])
     assert not (tmp_path / "x.onnx").exists()
 
 
+@needs_onnx
 def test_onnx_in_bf16_is_refused_before_any_work(models_py: Path, cnn_ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="ONNX export in bf16 cannot be checked"):
         export_model(

@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +23,7 @@ from ladle import ConfigError, Keep, Run
 from ladle.cli.main import main
 from ladle.errors import MissingDependency
 from ladle.integrations.lightning import LIGHTNING_FILE, LadleCheckpoint
+from ladle.store.commit import PendingCheckpoint
 
 # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; nothing ladle can change.
 pytestmark = pytest.mark.filterwarnings(
@@ -158,6 +160,39 @@ def test_lightning_ckpt_holds_the_state_of_the_recorded_step(tmp_path: Path) -> 
         assert_same(saved["state_dict"], load_file(info.file("model.safetensors")))
 
 
+class Recorded(Regressor):
+    """Remembers its weights after each optimizer step, by global step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at_step: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.at_step[self.trainer.global_step] = state_of(self)
+
+
+def test_async_saves_commit_the_state_at_each_save_while_training_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write = PendingCheckpoint.write
+
+    def slow_write(self: PendingCheckpoint, filename: str, writer: Any) -> None:
+        time.sleep(0.02)  # training takes further steps while the background thread writes
+        write(self, filename, writer)
+
+    monkeypatch.setattr(PendingCheckpoint, "write", slow_write)
+    callback = LadleCheckpoint(tmp_path / "run", every_steps=3, async_save=True, ema=0.9)
+    _, model = fit(tmp_path, callback, model=Recorded(), max_epochs=2)
+    checkpoints = Run(tmp_path / "run").checkpoints()
+    assert [c.step for c in checkpoints] == [3, 6, 9, 12, 15]
+    for info in checkpoints:
+        assert_same(load_file(info.file("model.safetensors")), model.at_step[info.step])
+        saved = torch.load(info.file(LIGHTNING_FILE), weights_only=True)
+        assert saved["global_step"] == info.step
+        assert_same(saved["state_dict"], model.at_step[info.step])
+    assert Run(tmp_path / "run").verify() == []
+
+
 def test_on_improvement_saves_only_new_bests(tmp_path: Path) -> None:
     callback = LadleCheckpoint(tmp_path / "run", monitor="score", on_improvement=True)
     fit(tmp_path, callback, Regressor(scores=[3.0, 2.0, 2.5, 1.0, 1.5]), max_epochs=5)
@@ -259,6 +294,75 @@ def test_resume_with_ckpt_path_continues_exactly(tmp_path: Path) -> None:
     ema_b = load_file(str(Run(tmp_path / "b" / "run").latest().file("ema.safetensors")))  # type: ignore[union-attr]
     assert_same(ema_b, ema_a)
     assert [c.step for c in Run(tmp_path / "b" / "run").checkpoints()] == [8, 16, 24, 32]
+
+
+class Shuffled(Regressor):
+    """Dropout (draws from the global RNG every step) on a shuffled ResumableDataLoader; raises at
+    `crash_at` to stand for a killed job."""
+
+    crash_at: int | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.ReLU(), nn.Linear(8, 1))
+        self.seen: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.global_step == self.crash_at:
+            raise RuntimeError("killed")
+        self.seen.append(float(batch[0][0, 0]))
+        return super().training_step(batch, batch_idx)
+
+
+def shuffled_loader() -> torch.utils.data.DataLoader:
+    from ladle import ResumableDataLoader
+
+    train, _ = loaders()
+    return ResumableDataLoader(train.dataset, batch_size=8, shuffle=True, seed=3)
+
+
+def test_resume_mid_epoch_with_shuffling_and_dropout_continues_exactly(tmp_path: Path) -> None:
+    def run(root: Path, model: Shuffled, ckpt_path: str | None = None) -> Shuffled:
+        callback = LadleCheckpoint(root / "run", every_steps=4)
+        trainer(root, [callback], max_epochs=2, num_sanity_val_steps=0).fit(
+            model, shuffled_loader(), loaders()[1], ckpt_path=ckpt_path
+        )
+        return model
+
+    torch.manual_seed(1)
+    straight = run(tmp_path / "a", Shuffled())
+    torch.manual_seed(1)
+    interrupted = Shuffled()
+    interrupted.crash_at = 12  # mid-way through the second epoch, after the save at step 12
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tmp_path / "b", interrupted)
+    resume = LadleCheckpoint(tmp_path / "b" / "run").resume_path()
+    assert resume is not None and "step-000000012" in resume
+    torch.manual_seed(99)  # the resumed process starts with other RNG states
+    resumed = run(tmp_path / "b", Shuffled(), ckpt_path=resume)
+
+    assert resumed.seen == straight.seen[12:]  # the rest of the interrupted epoch, same order
+    assert straight.seen[8:16] != straight.seen[:8]  # the second epoch was shuffled anew
+    assert_same(state_of(resumed), state_of(straight))
+
+
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
+def test_resuming_with_a_plain_shuffled_loader_names_the_resumable_one(tmp_path: Path, caplog: Any) -> None:
+    train, val = loaders()
+    plain = torch.utils.data.DataLoader(train.dataset, batch_size=8, shuffle=True)
+    model = Shuffled()
+    model.crash_at = 4
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer(tmp_path, [LadleCheckpoint(tmp_path / "run", every_steps=2)], num_sanity_val_steps=0).fit(
+            model, plain, val
+        )
+    callback = LadleCheckpoint(tmp_path / "run", every_steps=2)
+    with caplog.at_level(logging.WARNING, logger="ladle"):
+        trainer(tmp_path, [callback], max_epochs=1, num_sanity_val_steps=0).fit(
+            Shuffled(), plain, val, ckpt_path=callback.resume_path()
+        )
+    assert "ladle.ResumableDataLoader" in caplog.text
 
 
 def test_resumed_triggers_remember_the_best_so_far(tmp_path: Path) -> None:

@@ -7,13 +7,14 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -36,6 +37,7 @@ from ladle.integrations.trainer_output import (
     trainer_checkpoints,
 )
 from ladle.integrations.transformers import LadleCallback
+from ladle.store.commit import PendingCheckpoint
 
 STEPS = 8  # 32 samples, batch 4: one epoch
 
@@ -232,6 +234,41 @@ def test_commits_copies_that_outlive_the_trainers_rotation(tmp_path: Path) -> No
     assert run.verify() == []
 
 
+def test_async_saves_commit_the_trainers_checkpoint_as_it_was_at_the_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commit = PendingCheckpoint.commit
+
+    def slow_commit(self: PendingCheckpoint, **kwargs: Any) -> Any:
+        time.sleep(0.05)  # training goes on while the background thread commits
+        return commit(self, **kwargs)
+
+    class Clobber(TrainerCallback):  # runs after LadleCallback: the Trainer's folder changes afterwards
+        def __init__(self) -> None:
+            self.at_save: dict[int, dict[str, torch.Tensor]] = {}
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / "model.safetensors"
+            self.at_save[state.global_step] = load_file(path)
+            save_file({k: torch.zeros_like(v) for k, v in self.at_save[state.global_step].items()}, path)
+
+    monkeypatch.setattr(PendingCheckpoint, "commit", slow_commit)
+    clobber = Clobber()
+    train(tmp_path / "out", [LadleCallback(tmp_path / "run", async_save=True), clobber])
+    run = Run(tmp_path / "run")
+    assert [c.step for c in run.checkpoints()] == [2, 4, 6, 8]
+    for info in run.checkpoints():
+        assert_same(weights(info.path), clobber.at_save[info.step])
+    assert run.verify() == []
+
+
+def test_async_saves_are_refused_when_recording_in_place(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"async_save=True\) needs run_dir="):
+        LadleCallback(async_save=True)
+    with pytest.raises(ConfigError, match="may rotate or rewrite them"):
+        train(tmp_path, [LadleCallback(tmp_path, async_save=True)])
+
+
 @pytest.mark.slow
 def test_training_resumes_exactly_from_a_committed_checkpoint(tmp_path: Path) -> None:
     constant = {"lr_scheduler_type": "constant"}  # the same schedule whatever max_steps is
@@ -346,7 +383,7 @@ def test_cli_soup_of_a_plain_trainer_output_directory(tmp_path: Path) -> None:
 
 
 def test_cli_avg_of_a_trainer_output_directory_averages_its_checkpoints(tmp_path: Path) -> None:
-    from ladle.averaging.engine import read_provenance
+    from ladle.averaging.provenance import read_provenance
     from ladle.cli.main import main
 
     trainer, _ = train(tmp_path / "out", [])
@@ -365,8 +402,8 @@ def test_cli_avg_of_a_trainer_output_directory_averages_its_checkpoints(tmp_path
 
 def test_soup_of_sharded_trainer_checkpoints_in_a_ladle_run(tmp_path: Path) -> None:
     from ladle.averaging.soups import soup
-    from ladle.integrations._saving import RunWriter
     from ladle.policies.rules import SaveRules
+    from ladle.saving.engine import SaveEngine
 
     run = tmp_path / "run"
     states = []
@@ -376,7 +413,7 @@ def test_soup_of_sharded_trainer_checkpoints_in_a_ladle_run(tmp_path: Path) -> N
         model.save_pretrained(run / name, max_shard_size="20KB")
         assert (run / name / "model.safetensors.index.json").is_file()
         states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-    writer = RunWriter(str(run), SaveRules())
+    writer = SaveEngine(str(run), SaveRules())
     writer.record("checkpoint-2", step=2, epoch=0, metrics={})
     writer.record("checkpoint-4", step=4, epoch=0, metrics={})
     writer.close()

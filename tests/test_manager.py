@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -375,7 +377,86 @@ def test_a_signal_triggers_a_final_save_and_exit(tmp_path: Path, signum: int) ->
     assert process.stdout.readline().strip() == "ready"
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
-    assert process.returncode in (128 + signum, 1, -signum)
+    assert process.returncode == 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM
     run = ladle.Run(tmp_path / "run")
     assert len(run.checkpoints()) == 1 and run.latest().step >= 5
-    assert "after signal" in err
+    assert f"saved {run.latest().name} after signal {int(signum)}; exiting" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_a_pending_signal_counts_as_a_reason_to_stop(tmp_path: Path, model) -> None:
+    with ladle.CheckpointManager(
+        tmp_path / "run", model=model, save_on_signal=True, exit_after_signal_save=False
+    ) as manager:
+        assert not manager.should_stop
+        signal.raise_signal(signal.SIGTERM)
+        assert manager.should_stop and manager.stop_reason.startswith("signal 15")
+        saved = manager.step(1)
+        assert saved is not None and saved.step == 1 and not manager.should_stop
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m: m.step("abc"), r"step='abc' is not allowed; use an integer >= 0"),
+        (lambda m: m.step(-5), r"step=-5 is not allowed; use an integer >= 0"),
+        (lambda m: m.step(2.5), r"step=2\.5 is not allowed"),
+        (lambda m: m.epoch_end(-1), r"epoch=-1 is not allowed"),
+        (lambda m: m.save(step=True), r"step=True is not allowed"),
+        (lambda m: m.step(1, metrics={"acc": object()}), r"step\(metrics\)\['acc'\]=<object"),
+        (lambda m: m.save(metrics=[1, 2]), r"save\(metrics\)=\[1, 2\] is not allowed; use a mapping"),
+    ],
+)
+def test_bad_call_arguments_are_refused_before_anything_is_written(
+    tmp_path: Path, model, call, message
+) -> None:
+    with ladle.CheckpointManager(tmp_path / "run", model=model, every_steps=1) as manager:
+        with pytest.raises(ConfigError, match=message):
+            call(manager)
+        assert manager.run.checkpoints() == []
+    assert not any(p.name.startswith("step-") for p in (tmp_path / "run").iterdir())
+
+
+@pytest.mark.parametrize("run_dir", [None, "", 3])
+def test_a_run_directory_must_be_named(tmp_path: Path, model, run_dir, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"run_dir=.* is not allowed; use a (run )?directory path"):
+        ladle.CheckpointManager(run_dir, model=model)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fallback_names_the_checkpoint_it_loads(tmp_path: Path, model, caplog) -> None:
+    with ladle.CheckpointManager(tmp_path / "run", model=model) as manager:
+        for step in (1, 2, 3):
+            manager.save(step=step)
+    with ladle.CheckpointManager(tmp_path / "run", model=model) as manager:
+        manager.resume("step-000000001")
+        manager.save(step=4)  # committed after step 3, so seq order differs from step order
+    corrupt(str(tmp_path / "run" / "step-000000004" / "state.pt"))
+    with ladle.CheckpointManager(tmp_path / "run", model=model) as manager:
+        with caplog.at_level(logging.WARNING, logger="ladle"):
+            point = manager.resume(fallback=True)
+    assert point.checkpoint.name == "step-000000003"
+    assert "falling back to step-000000003" in caplog.text
+
+
+def test_latest_is_the_newest_training_checkpoint_not_a_soup(tmp_path: Path, model) -> None:
+    with ladle.CheckpointManager(tmp_path / "run", model=model) as manager:
+        manager.save(step=1)
+        trained = manager.save(step=2)
+        manager.soup("last:2", into_run=True)
+        assert manager.latest.name == trained.name
+    run = ladle.Run(tmp_path / "run")
+    assert run.latest().name == trained.name and run.get("latest").name == trained.name
+    assert run.latest(kind=None).kind == "soup"
+    assert json.loads((tmp_path / "run" / "ladle.json").read_text())["latest"] == trained.name
+
+
+def test_storage_options_reach_the_runs_store(s3_endpoint: str) -> None:
+    # The environment points at a working S3 server; only the options name a dead endpoint.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    options = {"endpoint_url": dead, "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    with pytest.raises(ladle.StorageError, match=r"cannot reach the store"):
+        ladle.CheckpointManager("s3://some-bucket/runs/exp1", model=tiny_model(), storage_options=options)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import ladle
-from ladle.averaging.soups import RunningSoup
+from ladle.averaging.running_soup import RunningSoup
 from tests.conftest import tiny_model, train_steps
 
 
@@ -41,6 +41,26 @@ def test_the_ema_is_saved_as_its_own_weights_file_and_resumes_exactly(tmp_path: 
         fresh_ema.update()
     for key, value in ema.weights().items():
         assert torch.equal(fresh_ema.weights()[key], value), key
+
+
+def test_restore_best_restores_the_ema_of_the_best_checkpoint_too(tmp_path: Path) -> None:
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = ladle.EMA(model, decay=0.5)
+    with ladle.CheckpointManager(
+        tmp_path / "run", model=model, optimizer=optimizer, ema=ema, monitor="loss", every_steps=1
+    ) as manager:
+        best_weights = best_ema = None
+        for step, loss in enumerate([3.0, 1.0, 2.0], start=1):
+            train_steps(model, optimizer, 1, seed=step)
+            ema.update()
+            if loss == 1.0:
+                best_weights = {k: v.clone() for k, v in model.state_dict().items()}
+                best_ema = ema.weights()
+            manager.step(step, metrics={"loss": loss})
+        assert manager.restore_best().step == 2
+    torch.testing.assert_close(model.state_dict(), best_weights, rtol=0, atol=0)
+    torch.testing.assert_close(ema.weights(), best_ema, rtol=0, atol=0)
 
 
 def test_manager_soup_averages_the_last_checkpoints(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The README's Python code blocks run as written (in a scratch directory)."""
+"""The README's Python code blocks run as written, and the outputs it shows are what the code prints."""
 
 from __future__ import annotations
 
@@ -33,3 +33,16 @@ def test_readme_block_runs(tmp_path: Path, index: int) -> None:
             [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
         )
         assert result.returncode == 0, f"run {attempt}: {result.stderr[-2000:]}"
+
+
+@pytest.mark.slow
+def test_the_outputs_the_readme_shows_are_what_the_code_prints() -> None:
+    """`python scripts/readme_outputs.py --demo --write` regenerates them when this fails."""
+    sys.path.insert(0, str(README.parent / "scripts"))
+    try:
+        import readme_outputs
+    finally:
+        sys.path.pop(0)
+    text = README.read_text()
+    fresh = readme_outputs.regenerate(text, demo=True)
+    assert readme_outputs.stale_blocks(text, fresh) == []

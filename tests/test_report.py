@@ -15,7 +15,8 @@ from ladle.averaging.soups import soup
 from ladle.cli.main import main
 from ladle.errors import ConfigError, MissingDependency
 from ladle.store.run import Run
-from ladle.tools.report import load_history, plot_run, recipe_members, split_name
+from ladle.tools.report import plot_run
+from ladle.tools.report_data import load_history, recipe_members, split_name
 
 
 def make_run(path: Path, epochs: int = 6, steps_per_epoch: int = 4, seed: int = 0) -> Path:
@@ -208,10 +209,10 @@ def test_the_cli_reports_bad_input_in_one_line_with_exit_2(
 
 
 def test_epochs_and_steps_map_onto_each_other_past_both_ends_of_the_run(tmp_path: Path) -> None:
-    from ladle.tools.report import _XAxis
+    from ladle.tools.report_data import XAxis
 
     run = make_run(tmp_path / "run", epochs=3, steps_per_epoch=4)
-    axis = _XAxis("step", load_history(Run(run)))
+    axis = XAxis("step", load_history(Run(run)))
     assert [axis.epochs_at(s) for s in (-4, 0, 4, 6, 12, 16)] == [-1.0, 0.0, 1.0, 1.5, 3.0, 4.0]
     for epochs in (-0.5, 0.0, 2.25, 3.0, 5.0):
         assert axis.epochs_at(axis.step_at(epochs)) == pytest.approx(epochs)

@@ -1,31 +1,32 @@
-"""Bit-exact resume, in real processes: stopping at step k and resuming changes nothing."""
+"""Bit-exact resume, in real processes: stopping at step k and resuming changes nothing.
+
+Each run is its own process, forked from a server that imported torch once (`ScriptServer`).
+"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import SCRIPTS
+from tests.conftest import ScriptServer
 
 TOTAL = 20  # 2N steps; 7 batches per epoch, so epochs end at steps 7 and 14
 
 
-def run_script(*args: str) -> None:
-    subprocess.run(
-        [sys.executable, str(SCRIPTS / "train_tiny.py"), *args],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+@pytest.fixture(scope="module")
+def run_script(train_tiny: ScriptServer):  # type: ignore[no-untyped-def]
+    """`train_tiny.py ARGS` in its own (forked) process; fails unless it exits 0."""
+
+    def run(*args: str) -> None:
+        assert train_tiny.run(*args) == 0, args
+
+    return run
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def straight(tmp_path_factory: pytest.TempPathFactory, run_script) -> dict:  # type: ignore[no-untyped-def]
     tmp = tmp_path_factory.mktemp("straight")
     out = tmp / "out.pt"
     run_script(str(tmp / "run"), str(out), "--total", str(TOTAL))
@@ -47,7 +48,7 @@ def _assert_identical(a: dict, b: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [3, 7, 10, 15])
 def test_stop_and_resume_in_a_new_process_matches_the_uninterrupted_run(
-    tmp_path: Path, straight: dict, stop_at: int
+    tmp_path: Path, straight: dict, stop_at: int, run_script
 ) -> None:
     run_dir, out = tmp_path / "run", tmp_path / "out.pt"
     run_script(str(run_dir), str(out), "--total", str(TOTAL), "--stop-at", str(stop_at))
@@ -58,7 +59,7 @@ def test_stop_and_resume_in_a_new_process_matches_the_uninterrupted_run(
     _assert_identical(straight, resumed)
 
 
-def test_the_uninterrupted_run_is_itself_deterministic(tmp_path: Path, straight: dict) -> None:
+def test_the_uninterrupted_run_is_itself_deterministic(tmp_path: Path, straight: dict, run_script) -> None:
     out = tmp_path / "out.pt"
     run_script(str(tmp_path / "run"), str(out), "--total", str(TOTAL))
     _assert_identical(straight, torch.load(out, weights_only=True))

@@ -41,7 +41,7 @@ def test_no_policies_keep_everything() -> None:
 
 
 def test_policies_are_validated() -> None:
-    with pytest.raises(ConfigError, match="KeepLast.n must be >= 1"):
+    with pytest.raises(ConfigError, match="KeepLast.n=0 is not allowed; use an integer >= 1"):
         KeepLast(n=0)
     with pytest.raises(ConfigError, match="KeepBest.mode='up' is not a direction"):
         KeepBest(k=1, metric="loss", mode="up")
@@ -68,7 +68,9 @@ def test_the_kept_set_is_exactly_the_union_plus_protected(
     losses, last, best, every, mode, resumed, pinned
 ) -> None:
     recs = records(losses, pinned)
-    policies = ladle.Keep(last=last, best=best, metric="loss", mode=mode, every=every).policies()
+    by_metric = {"metric": "loss", "mode": mode} if best else {}
+    given = {k: v for k, v in {"last": last, "best": best, "every": every}.items() if v is not None}
+    policies = ladle.Keep(**given, **by_metric).policies() if given else []
     latest = recs[-1].name
     scored = [r for r in recs if math.isfinite(r.metrics["loss"])]
     best_rec = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import ladle
-from ladle.errors import StateMismatch
+from ladle.errors import ConfigError, StateMismatch
 
 
 def batches(loader) -> list[list[int]]:
@@ -87,3 +87,43 @@ def test_the_sampler_alone_resumes_with_a_plain_dataloader() -> None:
         )
     ]
     assert first + rest == full
+
+
+def test_a_pass_stopped_after_len_batches_still_moves_to_the_next_epoch() -> None:
+    # Lightning takes len(loader) batches and never runs the iterator to exhaustion.
+    loader = ladle.ResumableDataLoader(list(range(8)), batch_size=4, shuffle=True, seed=1)
+    first = iter(loader)
+    epoch0 = [next(first).tolist() for _ in range(len(loader))]
+    epoch1 = [batch.tolist() for batch in loader]
+    assert len(epoch1) == 2 and epoch1 != epoch0 and loader.epoch == 2
+
+
+def test_replicas_split_one_permutation_like_a_distributed_sampler() -> None:
+    import torch
+
+    whole = ladle.ResumableSampler(10, shuffle=True, seed=2).order(0)
+    shares = [ladle.ResumableSampler(10, shuffle=True, seed=2, num_replicas=3, rank=r) for r in range(3)]
+    assert [len(s) for s in shares] == [4, 4, 4]
+    padded = whole + whole[:2]  # DistributedSampler pads by wrapping around
+    assert [s.order(0) for s in shares] == [padded[r::3] for r in range(3)]
+    reference = torch.utils.data.DistributedSampler(list(range(10)), num_replicas=3, rank=1, shuffle=False)
+    plain = ladle.ResumableSampler(10, shuffle=False, num_replicas=3, rank=1)
+    assert plain.order(0) == list(reference)
+
+
+def test_a_position_saved_on_two_ranks_resumes_on_one_at_the_same_global_sample() -> None:
+    saved = ladle.ResumableDataLoader(
+        list(range(24)), batch_size=2, shuffle=True, seed=5, num_replicas=2, rank=0
+    )
+    iterator = iter(saved)
+    for _ in range(3):  # 3 batches of 2 on each of 2 ranks: 12 samples of the epoch are consumed
+        next(iterator)
+    single = ladle.ResumableDataLoader(list(range(24)), batch_size=2, shuffle=True, seed=5)
+    single.load_state_dict(saved.state_dict())
+    rest = [x for batch in single for x in batch.tolist()]
+    assert rest == ladle.ResumableSampler(24, shuffle=True, seed=5).order(0)[12:]
+
+
+def test_replicas_need_both_num_replicas_and_rank() -> None:
+    with pytest.raises(ConfigError, match="pass both num_replicas= and rank="):
+        ladle.ResumableSampler(10, num_replicas=2)

@@ -76,12 +76,28 @@ def test_non_finite_values_count_as_no_improvement_when_not_checked() -> None:
 
 
 def test_options_are_validated() -> None:
-    with pytest.raises(ConfigError, match="EarlyStopping.patience must be >= 0"):
+    with pytest.raises(ConfigError, match=r"EarlyStopping\.patience=-1 is not allowed; use an integer >= 0"):
         ladle.EarlyStopping(metric="loss", patience=-1)
-    with pytest.raises(ConfigError, match="EarlyStopping.delta_mode='pct'"):
+    with pytest.raises(ConfigError, match=r"EarlyStopping\.delta_mode='pct' is not allowed; use one of 'abs'"):
         ladle.EarlyStopping(metric="loss", delta_mode="pct")
     with pytest.raises(ConfigError, match="EarlyStopping.mode='lower'"):
         ladle.EarlyStopping(metric="loss", mode="lower")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"patience": "3"}, r"EarlyStopping\.patience='3' is not allowed; use an integer >= 0"),
+        ({"patience": 2.5}, r"EarlyStopping\.patience=2\.5 is not allowed"),
+        ({"min_delta": float("nan")}, r"EarlyStopping\.min_delta=nan is not allowed; use a number >= 0"),
+        ({"min_delta": True}, r"EarlyStopping\.min_delta=True is not allowed"),
+        ({"stopping_threshold": float("inf")}, r"EarlyStopping\.stopping_threshold=inf is not allowed"),
+        ({"metric": ""}, r"EarlyStopping\.metric='' is not allowed"),
+    ],
+)
+def test_settings_a_stop_could_depend_on_are_refused_at_construction(kwargs, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ladle.EarlyStopping(**{"metric": "loss", **kwargs})
 
 
 def test_a_resumed_run_keeps_its_patience(tmp_path: Path, model) -> None:

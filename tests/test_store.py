@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 import ladle
 from ladle.errors import ConfigError, NotARunDirectory, RunNotFound
-from ladle.store.run import INDEX_NAME, Run
+from ladle.store.layout import INDEX_NAME
+from ladle.store.run import Run
 
 
 def commit(run: Run, step: int, metrics: dict | None = None, name: str | None = None) -> ladle.CheckpointInfo:
@@ -200,3 +201,44 @@ def test_adopting_again_replaces_the_record(run: Run) -> None:
     (folder / "a.bin").write_bytes(b"22")
     again = run.adopt("checkpoint-40", step=40)
     assert again.files["a.bin"].size == 2 and len(Run(run.path)) == 1
+
+
+FULL_DISK_SCRIPT = """
+import json, resource, signal, sys, torch, ladle
+from torch import nn
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+found = []
+with ladle.CheckpointManager(sys.argv[1], model=nn.Linear(256, 256)) as manager:
+    manager.save(1)
+    for step, limit in ((2, 2000), (3, 100_000)):  # state.pt (torch.save) fails, then model.safetensors
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        try:
+            manager.save(step)
+        except ladle.WriteFailed as exc:
+            found.append([str(exc), type(exc.__cause__).__name__, isinstance(exc, OSError)])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+print(json.dumps(found))
+"""
+
+
+def test_a_save_that_cannot_write_names_the_run_the_file_and_the_cause(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_SCRIPT, str(run_dir)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    (torch_message, torch_cause, _), (st_message, st_cause, is_os_error) = json.loads(result.stdout)
+    assert torch_message.startswith(f"run {run_dir}: cannot write {run_dir}/step-000000002/state.pt (")
+    assert torch_cause == "RuntimeError"
+    assert st_message.startswith(
+        f"run {run_dir}: cannot write {run_dir}/step-000000003/model.safetensors (file too large); "
+    )
+    assert st_cause == "SafetensorError" and is_os_error
+    assert "\n" not in torch_message + st_message
+    run = Run(run_dir)
+    assert [c.step for c in run.checkpoints()] == [1] and run.verify() == []
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".tmp-")]

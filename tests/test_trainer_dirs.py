@@ -14,13 +14,15 @@ from safetensors.torch import load_file, save_file
 
 import ladle.integrations.trainer_output as trainer_output
 import ladle.store.trainer_dirs as trainer_dirs
-from ladle.averaging.engine import read_provenance
-from ladle.averaging.members import expand
-from ladle.averaging.soups import select, soup
+from ladle.averaging.member_paths import expand
+from ladle.averaging.provenance import read_provenance
+from ladle.averaging.selection import select
+from ladle.averaging.soups import soup
 from ladle.cli.main import main
 from ladle.errors import ConfigError, OutputExists
+from ladle.store.foreign_runs import TrainerOutput
 from ladle.store.run import Run
-from ladle.store.trainer_dirs import TrainerOutput, is_trainer_output, trainer_checkpoints
+from ladle.store.trainer_dirs import is_trainer_output, trainer_checkpoints
 
 EVAL_LOSS = {2: 0.9, 4: 0.5, 6: 0.7, 8: 0.6}
 MODEL_FILES = {"config.json", "generation_config.json", "tokenizer.json"}

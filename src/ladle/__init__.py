@@ -14,17 +14,18 @@ from ladle._version import __version__
 
 # Public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {
-    "AverageResult": "ladle.averaging.engine",
-    "IntPolicy": "ladle.averaging.engine",
-    "average": "ladle.averaging.engine",
-    "average_to_file": "ladle.averaging.engine",
-    "read_provenance": "ladle.averaging.engine",
+    "AverageResult": "ladle.averaging.front_doors",
+    "IntPolicy": "ladle.averaging.int_policies",
+    "average": "ladle.averaging.front_doors",
+    "average_to_file": "ladle.averaging.front_doors",
+    "read_provenance": "ladle.averaging.provenance",
     "recalibrate_bn": "ladle.averaging.bn",
     "EMA": "ladle.averaging.ema",
-    "EMAConfig": "ladle.averaging.ema",
-    "RunningSoup": "ladle.averaging.soups",
+    "EMAConfig": "ladle.averaging.ema_config",
+    "RunningSoup": "ladle.averaging.running_soup",
     "SoupResult": "ladle.averaging.soups",
     "soup": "ladle.averaging.soups",
+    "BackgroundSaveError": "ladle.errors",
     "CheckpointNotFound": "ladle.errors",
     "ConfigError": "ladle.errors",
     "CorruptCheckpoint": "ladle.errors",
@@ -43,8 +44,11 @@ _EXPORTS: dict[str, str] = {
     "RunError": "ladle.errors",
     "RunLocked": "ladle.errors",
     "RunNotFound": "ladle.errors",
+    "ShardedSaveError": "ladle.errors",
     "StateMismatch": "ladle.errors",
+    "StorageError": "ladle.errors",
     "UnsafeLoad": "ladle.errors",
+    "WriteFailed": "ladle.errors",
     "TensorSource": "ladle.formats",
     "load_source": "ladle.formats",
     "save_tensors": "ladle.formats",
@@ -61,20 +65,21 @@ _EXPORTS: dict[str, str] = {
     "OnImprovement": "ladle.policies.triggers",
     "OnThreshold": "ladle.policies.triggers",
     "CheckpointManager": "ladle.saving.manager",
-    "ResumePoint": "ladle.saving.manager",
+    "ResumePoint": "ladle.saving.resume",
+    "load_weights": "ladle.state.load_weights",
     "ResumableDataLoader": "ladle.state.sampler",
     "ResumableSampler": "ladle.state.sampler",
-    "CheckpointInfo": "ladle.store.run",
+    "CheckpointInfo": "ladle.store.checkpoint",
     "Run": "ladle.store.run",
     "Verification": "ladle.store.verification",
     "verify_path": "ladle.store.verification",
     "Diff": "ladle.tools.diff",
     "diff_checkpoints": "ladle.tools.diff",
-    "ExampleInput": "ladle.tools.export",
-    "ExportResult": "ladle.tools.export",
+    "ExampleInput": "ladle.tools.export_spec",
+    "ExportResult": "ladle.tools.export_spec",
     "export_checkpoint": "ladle.tools.export",
-    "export_model": "ladle.tools.export",
-    "export_weights": "ladle.tools.export",
+    "export_model": "ladle.tools.export_model",
+    "export_weights": "ladle.tools.export_weights",
     "Inspection": "ladle.tools.inspection",
     "inspect_checkpoint": "ladle.tools.inspection",
 }
@@ -82,6 +87,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "EMA",
     "AverageResult",
+    "BackgroundSaveError",
     "CheckpointInfo",
     "CheckpointManager",
     "CheckpointNotFound",
@@ -125,11 +131,14 @@ __all__ = [
     "RunNotFound",
     "RunningSoup",
     "SaveRules",
+    "ShardedSaveError",
     "SoupResult",
     "StateMismatch",
+    "StorageError",
     "TensorSource",
     "UnsafeLoad",
     "Verification",
+    "WriteFailed",
     "__version__",
     "average",
     "average_to_file",
@@ -139,6 +148,7 @@ __all__ = [
     "export_weights",
     "inspect_checkpoint",
     "load_source",
+    "load_weights",
     "read_provenance",
     "recalibrate_bn",
     "save_tensors",
@@ -162,10 +172,15 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from ladle.averaging.bn import recalibrate_bn
-    from ladle.averaging.ema import EMA, EMAConfig
-    from ladle.averaging.engine import AverageResult, IntPolicy, average, average_to_file, read_provenance
-    from ladle.averaging.soups import RunningSoup, SoupResult, soup
+    from ladle.averaging.ema import EMA
+    from ladle.averaging.ema_config import EMAConfig
+    from ladle.averaging.front_doors import AverageResult, average, average_to_file
+    from ladle.averaging.int_policies import IntPolicy
+    from ladle.averaging.provenance import read_provenance
+    from ladle.averaging.running_soup import RunningSoup
+    from ladle.averaging.soups import SoupResult, soup
     from ladle.errors import (
+        BackgroundSaveError,
         CheckpointNotFound,
         ConfigError,
         CorruptCheckpoint,
@@ -184,18 +199,27 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
         RunError,
         RunLocked,
         RunNotFound,
+        ShardedSaveError,
         StateMismatch,
+        StorageError,
         UnsafeLoad,
+        WriteFailed,
     )
     from ladle.formats import TensorSource, load_source, save_tensors
     from ladle.policies.retention import Keep, KeepBest, KeepEvery, KeepLast, KeepPinned
     from ladle.policies.rules import SaveRules
     from ladle.policies.stopping import EarlyStopping
     from ladle.policies.triggers import EveryEpochs, EverySeconds, EverySteps, OnImprovement, OnThreshold
-    from ladle.saving.manager import CheckpointManager, ResumePoint
+    from ladle.saving.manager import CheckpointManager
+    from ladle.saving.resume import ResumePoint
+    from ladle.state.load_weights import load_weights
     from ladle.state.sampler import ResumableDataLoader, ResumableSampler
-    from ladle.store.run import CheckpointInfo, Run
+    from ladle.store.checkpoint import CheckpointInfo
+    from ladle.store.run import Run
     from ladle.store.verification import Verification, verify_path
     from ladle.tools.diff import Diff, diff_checkpoints
-    from ladle.tools.export import ExampleInput, ExportResult, export_checkpoint, export_model, export_weights
+    from ladle.tools.export import export_checkpoint
+    from ladle.tools.export_model import export_model
+    from ladle.tools.export_spec import ExampleInput, ExportResult
+    from ladle.tools.export_weights import export_weights
     from ladle.tools.inspection import Inspection, inspect_checkpoint

@@ -8,7 +8,11 @@ LadleError
 │   ├── RunNotFound(FileNotFoundError)         no run at that path
 │   ├── NotARunDirectory(NotADirectoryError)   the run path is a file or not a run
 │   ├── RunLocked(RuntimeError)                another writer holds the run
-│   └── ManagerClosed(RuntimeError)            a closed manager was used
+│   ├── ManagerClosed(RuntimeError)            a closed manager was used
+│   ├── BackgroundSaveError(RuntimeError)      an asynchronous save failed (raised at the next call)
+│   ├── ShardedSaveError(RuntimeError)         a rank failed in a sharded save; nothing was committed
+│   └── WriteFailed(OSError)                   a file of the run cannot be written (disk full, permission)
+├── StorageError(OSError)                    a store is unreachable, its bucket missing, or access denied
 ├── CheckpointNotFound(FileNotFoundError)      no checkpoint by that name/step
 ├── CorruptCheckpoint(ValueError)              checksum, size or parse failure
 ├── StateMismatch(ValueError)                  saved state does not fit the live objects
@@ -28,6 +32,8 @@ Leaves also subclass the matching built-in, so callers may catch either.
 """
 
 from __future__ import annotations
+
+import re
 
 
 class LadleError(Exception):
@@ -50,12 +56,34 @@ class NotARunDirectory(RunError, NotADirectoryError):
     """The run path exists but is not a directory ladle can use."""
 
 
+class BackgroundSaveError(RunError, RuntimeError):
+    """A save that ran in the background failed; raised, naming it, at the next call into the manager."""
+
+
+class ShardedSaveError(RunError, RuntimeError):
+    """A sharded save failed on some rank; nothing was committed."""
+
+
 class RunLocked(RunError, RuntimeError):
     """Another live writer holds the run's lock."""
 
 
 class ManagerClosed(RunError, RuntimeError):
     """A closed CheckpointManager was used."""
+
+
+class WriteFailed(RunError, OSError):
+    """A file of the run could not be written (no space left, permission denied, read-only).
+
+    The message names the run, the file and the cause; the original error is `__cause__`.
+    """
+
+
+class StorageError(LadleError, OSError):
+    """A store (s3://, gs://, ...) cannot be reached, its bucket is missing, or it refuses access.
+
+    The message names the URL and what to check (network, endpoint, credentials).
+    """
 
 
 class CheckpointNotFound(LadleError, FileNotFoundError):
@@ -108,3 +136,14 @@ class ModelFactoryError(ConfigError):
 
 class MissingDependency(LadleError, ImportError):
     """An optional extra (e.g. `ladle[onnx]`) is needed and not installed."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors
+    that quote a library's or the user's exception."""
+    # Terminal escape codes (torch bolds part of its weights-only message) never reach ours.
+    lines = _ANSI_ESCAPE.sub("", str(exc)).strip().splitlines()
+    return (lines[0].strip() if lines else type(exc).__name__)[:limit]
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

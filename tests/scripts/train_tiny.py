@@ -36,6 +36,13 @@ def build() -> tuple[nn.Module, torch.optim.Optimizer, object, ladle.ResumableDa
     return model, optimizer, scheduler, loader
 
 
+def warm_up() -> None:
+    """Import what a run imports lazily (torch._dynamo on an optimizer's creation, ladle's
+    manager), so that processes forked after this call start training at once."""
+    build()
+    _ = (ladle.CheckpointManager, ladle.Keep)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
@@ -44,6 +51,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--stop-at", type=int, default=None)
     parser.add_argument("--loop", action="store_true")
     parser.add_argument("--ballast", type=int, default=0, help="add an NxN module to make saves slower")
+    parser.add_argument("--async-save", action="store_true", help="commit saves on a background thread")
     args = parser.parse_args(argv)
 
     model, optimizer, scheduler, loader = build()
@@ -59,6 +67,7 @@ def main(argv: list[str]) -> int:
         state=extra_state,
         every_steps=1 if args.loop else 10**9,
         keep=ladle.Keep(last=3) if args.loop else None,
+        async_save=args.async_save,
     ) as manager:
         point = manager.resume()
         step = point.step if point else 0

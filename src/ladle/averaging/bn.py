@@ -7,12 +7,17 @@ statistics reset. `recalibrate_bn` does that, building on
 `torch.optim.swa_utils.update_bn` (cumulative averages, momentum restored
 after), and adds what real loaders need: batches as dicts or custom
 structures (`forward=`), a batch limit, and a count of the layers it reset.
+
+Soups recalibrate through `recalibrate_seeded` (the same pass under a fixed
+torch seed, so dropout draws the same masks each time and a soup's written
+statistics are exactly those it was scored with) and read the result back with
+`batchnorm_buffers`.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -57,6 +62,39 @@ def recalibrate_bn(
     proxy = _Forwarding(model, forward, device)
     update_bn(proxy.inputs(batches), proxy, device=None)
     return len(layers)
+
+
+RECALIBRATION_SEED = 0
+"""The torch seed of a soup's recalibration pass (dropout masks, random augmentations)."""
+
+
+def recalibrate_seeded(model: nn.Module, loader: Iterable[Any], *, seed: int = RECALIBRATION_SEED) -> int:
+    """`recalibrate_bn` under a fixed torch seed; the caller's RNG state (CPU and CUDA) comes back after."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return recalibrate_bn(model, loader)
+
+
+def batchnorm_buffers(model: nn.Module, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The running statistics of the model's BatchNorm layers, on the CPU, keyed and typed as in `like`.
+
+    Keys are the model's clean state-dict keys (wrapper prefixes removed);
+    buffers that `like` does not hold are left out.
+    """
+    from ladle.state.model_weights import clean_key, unwrap_model
+
+    target = unwrap_model(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, module in target.named_modules():
+        if not (isinstance(module, _BatchNorm) and module.track_running_stats):
+            continue
+        for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+            value = getattr(module, buffer, None)
+            key = clean_key(f"{name}.{buffer}" if name else buffer)
+            if isinstance(value, torch.Tensor) and key in like:
+                out[key] = value.detach().to("cpu", like[key].dtype).clone()
+    return out
 
 
 class _Forwarding(nn.Module):

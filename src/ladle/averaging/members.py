@@ -1,13 +1,7 @@
 """Turning what a user names (files, globs, folders, runs) into the members of an average.
 
-Rules:
-- a glob expands to its matches, in natural order (`ckpt_9` before `ckpt_10`);
-- a ladle run folder expands to its committed training checkpoints, oldest first;
-  `RUN@REF` names one of them (a name, a step, "latest" or "best");
-- a transformers Trainer output directory (`checkpoint-<step>/` folders with a
-  `trainer_state.json`) expands to those folders, in step order;
-- a checkpoint or model folder (ladle `meta.json`, transformers files) is one member;
-- any other folder expands to the checkpoint files directly inside it;
+What a name expands to is `ladle.averaging.member_paths`'s job; here the paths are
+opened as members, and duplicates are counted once:
 - the same file named twice, or two hard links to one file (best/last copies),
   counts once, with a notice;
 - files of one expanded folder that hold the same weights at the same step
@@ -15,32 +9,26 @@ Rules:
   once, with a notice; different files with identical contents named one by
   one are both kept, with a notice. `dedupe=False` keeps every duplicate.
 """
-
 from __future__ import annotations
 
-import glob
 import logging
 import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ladle.errors import CheckpointNotFound, ConfigError
+from ladle.averaging.member_paths import expand_one
+from ladle.errors import ConfigError
 from ladle.formats import DictSource, TensorSource, load_source
-from ladle.formats.load import HF_WEIGHT_FILES
-from ladle.formats.torch_io import is_torch_file
-from ladle.store.run import INDEX_NAME, META_NAME, CheckpointInfo, Run, sha256_file
-from ladle.store.storage import LocalStorage
-from ladle.store.trainer_dirs import is_trainer_output, trainer_checkpoints
+from ladle.store.checkpoint import CheckpointInfo
+from ladle.store.storage import is_url
 
 log = logging.getLogger("ladle")
 
-_GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 @dataclass(kw_only=True, eq=False)
@@ -60,11 +48,27 @@ class Member:
     name: str | None = None
     """The checkpoint's name inside its run, for ladle checkpoints."""
     sha256: str | None = None
-    """Checksum of its weight file: recorded by the run store, or computed on request."""
+    """Checksum of the bytes of its weight file as the average read them (None until hashed)."""
     file_hashes: dict[str, str] = field(default_factory=dict)
-    """Checksums of every backing file of a multi-file member (sharded folders)."""
+    """The same for every backing file of a multi-file member (sharded folders), by file name."""
+    recorded_sha256: str | None = None
+    """The checksum its run recorded in meta.json for its one weight file, if any."""
+    recorded_file_hashes: dict[str, str] = field(default_factory=dict)
+    """The checksums its run recorded for each backing file of a multi-file member, by file name."""
     owned: bool = True
     """Whether ladle opened the source (and closes it); sources passed in stay open."""
+
+    @property
+    def hashed(self) -> bool:
+        """Whether its checksums were taken from the bytes read."""
+        return self.sha256 is not None or bool(self.file_hashes)
+
+    def set_read_hashes(self, digests: Mapping[str, str]) -> None:
+        """Record the checksums of the bytes read, by file path."""
+        if len(digests) == 1 and len(self.source.files) == 1:
+            self.sha256 = next(iter(digests.values()))
+        else:
+            self.file_hashes = {os.path.basename(path): digest for path, digest in digests.items()}
 
     def record(self, weight: float) -> dict[str, Any]:
         """Its provenance entry."""
@@ -79,6 +83,9 @@ class Member:
         }
         if self.file_hashes:
             entry["files"] = dict(self.file_hashes)
+        if not self.hashed and (self.recorded_sha256 or self.recorded_file_hashes):
+            # Not read-verified (hashing off): what the run recorded, named as such.
+            entry["recorded_sha256"] = self.recorded_sha256 or dict(self.recorded_file_hashes)
         if self.metrics:
             entry["metrics"] = dict(self.metrics)
         return entry
@@ -86,77 +93,6 @@ class Member:
     def close(self) -> None:
         if self.owned:
             self.source.close()
-
-
-def natural_key(text: str) -> list[Any]:
-    """Sort key that orders digits by value: ckpt_9 < ckpt_10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
-def is_run_dir(path: str) -> bool:
-    """A ladle run: has an index, or holds checkpoint folders but is not one itself."""
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, META_NAME)):
-        return False
-    if os.path.isfile(os.path.join(path, INDEX_NAME)):
-        return True
-    try:
-        names = os.listdir(path)
-    except OSError:
-        return False
-    return any(os.path.isfile(os.path.join(path, n, META_NAME)) for n in names)
-
-
-def _is_weight_file(name: str) -> bool:
-    return name.endswith(".safetensors") or is_torch_file(name)
-
-
-def expand(inputs: Iterable[str | os.PathLike[str]]) -> list[str]:
-    """Paths (globs, folders, runs, `RUN@REF`) as a flat list of loadable paths."""
-    return [path for item in inputs for path, _ in _expand_one(os.fspath(item))]
-
-
-def _expand_one(text: str) -> list[tuple[str, str | None]]:
-    """Loadable paths of one input, each with the folder it was listed from (None when the
-    path was named, matched by a glob, or is a checkpoint of a run or Trainer output)."""
-    if os.path.exists(text):
-        return _expand_existing(text)
-    run_path, at, ref = text.rpartition("@")
-    if at and run_path and is_run_dir(run_path):
-        run = Run(run_path)
-        return [(run.get(int(ref) if ref.isdigit() else ref).path, None)]
-    if _GLOB_CHARS.search(text):
-        matches = sorted(glob.glob(text, recursive=True), key=natural_key)
-        if not matches:
-            raise CheckpointNotFound(f"{text}: the pattern matches nothing")
-        return [item for match in matches for item in _expand_existing(match)]
-    raise CheckpointNotFound(f"{text}: no such file, folder or run checkpoint")
-
-
-def _expand_existing(path: str) -> list[tuple[str, str | None]]:
-    if not os.path.isdir(path):
-        return [(path, None)]
-    if os.path.isfile(os.path.join(path, META_NAME)):
-        return [(path, None)]
-    if is_run_dir(path):
-        checkpoints = [c for c in Run(path).checkpoints() if c.kind == "train"]
-        if not checkpoints:
-            raise CheckpointNotFound(f"{path}: the run has no committed training checkpoints")
-        return [(c.path, None) for c in checkpoints]
-    if is_trainer_output(path):
-        # Its checkpoint-<step>/ folders, not the final model save_model() may have put beside them.
-        return [(c.path, None) for c in trainer_checkpoints(path)]
-    if any(os.path.isfile(os.path.join(path, f)) for f in HF_WEIGHT_FILES):
-        return [(path, None)]
-    files = sorted(
-        (os.path.join(path, n) for n in os.listdir(path) if _is_weight_file(n)),
-        key=natural_key,
-    )
-    files = [f for f in files if os.path.isfile(f)]
-    if not files:
-        raise CheckpointNotFound(
-            f"{path}: no checkpoint files (.safetensors, .pt, .pth, .bin, .ckpt) in this folder"
-        )
-    return [(f, path) for f in files]
 
 
 InputLike = str | os.PathLike[str] | TensorSource | Mapping[str, torch.Tensor] | Member | CheckpointInfo
@@ -175,8 +111,8 @@ def member_from_source(source: TensorSource, *, label: str | None = None) -> Mem
         epoch=int(epoch) if isinstance(epoch, int | float) and not isinstance(epoch, bool) else None,
         metrics=dict(metrics) if isinstance(metrics, dict) else {},
         name=meta.get("name") if source.format == "ladle" else None,
-        sha256=source.sha256,
-        file_hashes=dict(hashes) if isinstance(hashes, dict) else {},
+        recorded_sha256=source.sha256,
+        recorded_file_hashes=dict(hashes) if isinstance(hashes, dict) else {},
     )
 
 
@@ -187,12 +123,11 @@ def open_members(
     strip_prefix: str | Sequence[str] | None = (),
     trust: bool = False,
     dedupe: bool = True,
-    hash_files: bool = False,
 ) -> list[Member]:
-    """Open every input as a member; close them with `close_members` (or use `Members`).
+    """Open every input as a member; close them with `close_members`.
 
-    `hash_files=True` computes the sha256 of backing files whose checksum is not
-    recorded already (ladle checkpoints record theirs), for provenance.
+    Checksums are taken later, while the average reads the members
+    (`ladle.averaging.integrity`).
     """
     members: list[Member] = []
     listed_from: dict[int, str] = {}  # id(member) -> the folder its file was listed from
@@ -211,7 +146,7 @@ def open_members(
                 label = f"<state dict {len(members) + 1}>"
                 members.append(member_from_source(DictSource(item, path=label)))
             elif isinstance(item, str | os.PathLike):
-                for path, folder in _expand_one(os.fspath(item)):
+                for path, folder in expand_one(os.fspath(item)):
                     source = load_source(path, key=key, strip_prefix=strip_prefix, trust=trust)
                     members.append(member_from_source(source))
                     if folder is not None:
@@ -223,11 +158,6 @@ def open_members(
         if dedupe:
             members = _dedupe(members)
             members = _drop_same_weights(members, listed_from)
-        if hash_files:
-            # hashlib releases the GIL: files hash side by side.
-            with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-                list(pool.map(_hash, members))
-        _note_identical(members)
     except BaseException:
         close_members(members)
         raise
@@ -241,12 +171,15 @@ def close_members(members: Iterable[Member]) -> None:
         member.close()
 
 
-def _identity(member: Member) -> tuple[tuple[int, int], ...] | None:
+def _identity(member: Member) -> tuple[tuple[Any, ...], ...] | None:
     files = member.source.files
     if not files:
         return None
-    ids = []
+    ids: list[tuple[Any, ...]] = []
     for path in files:
+        if is_url(path):
+            ids.append((path,))  # an object on a store is its URL (no links there)
+            continue
         try:
             st = os.stat(path)
         except OSError:
@@ -362,18 +295,8 @@ def _same_weights(a: TensorSource, b: TensorSource) -> bool:
     return True
 
 
-def _hash(member: Member) -> None:
-    files = member.source.files
-    if member.sha256 is not None or not files or len(member.file_hashes) == len(files):
-        return
-    storage = LocalStorage()
-    if len(files) == 1:
-        member.sha256 = sha256_file(storage, files[0])
-    else:
-        member.file_hashes = {os.path.basename(f): sha256_file(storage, f) for f in files}
-
-
-def _note_identical(members: list[Member]) -> None:
+def note_identical(members: Sequence[Member]) -> None:
+    """Log members whose bytes read hash the same (different files, identical contents)."""
     seen: dict[str, Member] = {}
     for member in members:
         if member.sha256 is None:

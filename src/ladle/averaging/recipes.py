@@ -1,19 +1,8 @@
-"""Soup recipes: which checkpoints of a run go into an average.
+"""Soup recipes: which checkpoints of a run go into an average, and why.
 
-Recipe strings (the same in Python and on the command line; `str()` gives
-the canonical form back):
-
-    uniform                          every training checkpoint (in the window)
-    last:K                           the K newest (the Transformer paper averaged the last 5, or 20)
-    top:K:METRIC:min|max             the K best by a recorded metric (`top:K` uses the run's monitor)
-    improved:SPEC[:over=best|previous]
-                                     the checkpoints that improved at least one metric of SPEC
-    greedy:METRIC:min|max            Wortsman et al. 2022, needs an evaluate function
-    window:epoch:13-50               alias of uniform@epoch:13-50
-
-SPEC lists metrics with directions: `loss:min,auc:max`, or a group sharing the
-direction written after it: `lrap,cmap,f1,auc:max` (each metric without one
-takes the next direction to its right).
+A `Recipe` is a selection rule (`Uniform`, `Last`, `Top`, `Improved`, `Greedy`) and an
+optional `Window`; its string form (`last:5`, `top:5:val_loss:min@epoch:13-50`, ...) is
+parsed by `ladle.averaging.recipe_parsing.parse_recipe`, and `str()` gives it back.
 
 "Improved" has two meanings; pick with `over=`:
 - `over=best` (default): a new running best, i.e. strictly better than every
@@ -24,22 +13,37 @@ takes the next direction to its right).
 Both are judged against the whole run's history, before the window selects;
 missing and non-finite values never count as improvements.
 
-A window, by step or epoch and inclusive at both ends, narrows any recipe:
-append `@epoch:13-50` or `@step:1000-` to the string, or pass it separately
-(`window=`, `--window`).
+Warm-up: a run's first checkpoints always "improve" (the first value of a
+metric beats nothing), so without a window `improved` leaves out the first
+quarter of the run's checkpoints (rounded up; `warmup=0.25`, the default).
+They still set the running best. With a window (`@epoch:13-50`, the BirdCLEF
+form) the window decides and no warm-up applies; `:warmup=0` turns it off.
+
+Greedy acceptance (`accept=`), how a candidate joins the soup:
+- `no-worse` (default): the soup's score with it is not worse (Wortsman's
+  `>=`); on a small validation set ties are common and it accepts nearly all.
+- `better`: strictly better.
+- `halves`: strictly better on the whole validation set and on both halves
+  of each of 10 seeded random splits of it; needs per-example values from
+  evaluate (see `ladle.averaging.greedy`). The choice for small validation sets.
+
+A recipe whose metric no checkpoint recorded (a typo) is refused, naming the
+metrics that were recorded.
+
+A window, by step or epoch and inclusive at both ends, narrows any recipe.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from ladle.errors import ConfigError
+from ladle.errors import ConfigError, EmptySelection
 from ladle.metrics import Mode, is_better, is_finite_number, parse_mode, sort_key
-from ladle.store.run import CheckpointInfo
+from ladle.store.checkpoint import CheckpointInfo
 
 log = logging.getLogger("ladle")
 
@@ -88,22 +92,6 @@ class Window:
         return f"{self.by.value}:{lo}-{hi}"
 
 
-_WINDOW_RE = re.compile(r"^(step|epoch)s?[:=](\d*)(?:(-|\.\.)(\d*))?$")
-
-
-def parse_window(text: str | Window | None) -> Window | None:
-    """`epoch:13-50`, `step:1000-`, `epoch:-50`, `epoch:7` (None stays None)."""
-    if text is None or isinstance(text, Window):
-        return text
-    match = _WINDOW_RE.match(text.strip())
-    if not match or (not match.group(2) and not match.group(4)):
-        raise ConfigError(f"window {text!r} not understood; write epoch:13-50, step:1000- or epoch:-50")
-    by, lo, sep, hi = match.groups()
-    start = int(lo) if lo else None
-    end = int(hi) if hi else (start if sep is None else None)
-    return Window(by=WindowBy(by), start=start, end=end)
-
-
 class Selector:
     """Base of the recipes' selection rules."""
 
@@ -120,6 +108,19 @@ def _windowed(history: Sequence[CheckpointInfo], window: Window | None) -> list[
     if window.by is WindowBy.EPOCH and all(c.epoch is None for c in history):
         raise ConfigError(f"window {window}: no checkpoint records an epoch; use a step window")
     return [c for c in history if window.contains(c)]
+
+
+def _check_recorded(history: Sequence[CheckpointInfo], metrics: Sequence[str], recipe: object) -> None:
+    """Refuse a metric that no checkpoint of the run recorded (a typo, not an empty window)."""
+    if not history:
+        return
+    recorded = {name for c in history for name in c.metrics}
+    for metric in metrics:
+        if metric not in recorded:
+            raise ConfigError(
+                f"no checkpoint recorded {metric!r}; recorded: {', '.join(sorted(recorded)) or 'no metrics'} "
+                f"(recipe {recipe}: fix the metric name)"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,7 +185,12 @@ class Top(Selector):
         return Top(k=self.k, metric=monitor["metric"], mode=parse_mode(monitor["mode"]))
 
     def select(self, history: Sequence[CheckpointInfo], window: Window | None) -> list[CheckpointInfo]:
-        assert self.metric is not None and self.mode is not None, "resolve the monitor first"
+        if self.metric is None or self.mode is None:
+            raise ConfigError(
+                f"top:{self.k} has no metric: resolve the run's monitor first (Top.resolved(run.monitor)) "
+                f"or write top:{self.k}:METRIC:min|max"
+            )
+        _check_recorded(history, [self.metric], self)
         pool = _windowed(history, window)
         scored = [c for c in pool if is_finite_number(c.metrics.get(self.metric))]
         if len(scored) < len(pool):
@@ -215,6 +221,10 @@ class Over(str, Enum):
     """Better than the checkpoint just before."""
 
 
+WARMUP = 0.25
+"""Default share of a run's first checkpoints that `improved` leaves out when no window is given."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Improved(Selector):
     """Checkpoints that improved on at least one of several metrics (see the module docstring)."""
@@ -223,6 +233,8 @@ class Improved(Selector):
     """(metric, direction) pairs; a checkpoint counts if any of them improved."""
     over: Over = Over.BEST
     """Improved on the running best ("best") or on the previous checkpoint ("previous")."""
+    warmup: float = WARMUP
+    """Share of the run's first checkpoints (rounded up) never selected when no window is given."""
 
     def __post_init__(self) -> None:
         if not self.metrics:
@@ -234,9 +246,12 @@ class Improved(Selector):
             object.__setattr__(self, "over", Over(self.over))
         except ValueError:
             raise ConfigError(f"improved over={self.over!r} is not known; use 'best' or 'previous'") from None
+        ok = isinstance(self.warmup, int | float) and not isinstance(self.warmup, bool)
+        if not ok or not 0 <= self.warmup < 1:
+            raise ConfigError(f"improved warmup={self.warmup!r} must be a fraction with 0 <= warmup < 1")
 
     def improvements(self, history: Sequence[CheckpointInfo]) -> dict[str, list[str]]:
-        """For each checkpoint name, the metrics it improved (empty when none)."""
+        """For each checkpoint name, the metrics it improved (empty when none); no warm-up applied."""
         ordered = sorted(history, key=_order)
         best: dict[str, float | None] = {m: None for m, _ in self.metrics}
         previous: CheckpointInfo | None = None
@@ -258,13 +273,38 @@ class Improved(Selector):
         return out
 
     def select(self, history: Sequence[CheckpointInfo], window: Window | None) -> list[CheckpointInfo]:
+        _check_recorded(history, [m for m, _ in self.metrics], self)
         found = self.improvements(history)
-        return [c for c in _windowed(history, window) if found.get(c.name)]
+        pool = _windowed(history, window)
+        if window is None and self.warmup > 0:
+            skip = math.ceil(self.warmup * len(pool))
+            warm, pool = sorted(pool, key=_order)[:skip], sorted(pool, key=_order)[skip:]
+            chosen = [c for c in pool if found.get(c.name)]
+            if not chosen and any(found.get(c.name) for c in warm):
+                raise EmptySelection(
+                    f"recipe {self}: every checkpoint that improved lies in the warm-up (the first {skip} "
+                    f"of {skip + len(pool)}); give a window (@epoch:A-B) or a shorter warm-up (:warmup=0.1)"
+                )
+            return chosen
+        return [c for c in pool if found.get(c.name)]
 
     def __str__(self) -> str:
         spec = ",".join(f"{m}:{d.value}" for m, d in self.metrics)
         suffix = "" if self.over is Over.BEST else f":over={self.over.value}"
+        if self.warmup != WARMUP:
+            suffix += f":warmup={self.warmup:g}"
         return f"improved:{spec}{suffix}"
+
+
+class Accept(str, Enum):
+    """How a greedy search decides that a candidate joins the soup."""
+
+    NO_WORSE = "no-worse"
+    """The soup's score with it is not worse (Wortsman et al.'s `>=`)."""
+    BETTER = "better"
+    """Strictly better."""
+    HALVES = "halves"
+    """Strictly better on the whole set and on both halves of each of several random splits of it."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -275,6 +315,8 @@ class Greedy(Selector):
     """The metric the evaluate function returns."""
     mode: Mode
     """"max" when higher is better, "min" when lower is."""
+    accept: Accept = Accept.NO_WORSE
+    """The acceptance rule: "no-worse" (Wortsman's default), "better" or "halves"."""
 
     needs_evaluate = True
 
@@ -282,13 +324,20 @@ class Greedy(Selector):
         object.__setattr__(self, "mode", parse_mode(self.mode, field="greedy mode"))
         if not self.metric:
             raise ConfigError("greedy: name the metric, e.g. greedy:val_acc:max")
+        try:
+            object.__setattr__(self, "accept", Accept(self.accept))
+        except ValueError:
+            raise ConfigError(
+                f"greedy accept={self.accept!r} is not known; use no-worse, better or halves"
+            ) from None
 
     def select(self, history: Sequence[CheckpointInfo], window: Window | None) -> list[CheckpointInfo]:
         """The candidates; the search itself runs in `ladle.soup` with the evaluate function."""
         return _windowed(history, window)
 
     def __str__(self) -> str:
-        return f"greedy:{self.metric}:{self.mode.value}"
+        suffix = "" if self.accept is Accept.NO_WORSE else f":accept={self.accept.value}"
+        return f"greedy:{self.metric}:{self.mode.value}{suffix}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -311,99 +360,3 @@ class Recipe:
 def _positive(k: object, field: str) -> None:
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ConfigError(f"{field}: K={k!r} must be a whole number of at least 1")
-
-
-def _int(text: str, field: str) -> int:
-    if not text.isdigit():
-        raise ConfigError(f"{field}: {text!r} is not a whole number")
-    return int(text)
-
-
-def parse_improved(spec: str) -> Improved:
-    """`loss:min,auc:max`, `lrap,cmap:max`, with an optional `:over=best|previous`."""
-    over = Over.BEST
-    match = re.search(r":over=(\w+)$", spec)
-    if match:
-        try:
-            over = Over(match.group(1))
-        except ValueError:
-            raise ConfigError(
-                f"improved: over={match.group(1)!r} is not known; use best or previous"
-            ) from None
-        spec = spec[: match.start()]
-    pairs: list[tuple[str, Mode]] = []
-    pending: list[str] = []
-    for item in spec.split(","):
-        name, _, direction = item.strip().partition(":")
-        if not name:
-            raise ConfigError(f"improved:{spec}: an empty metric name")
-        pending.append(name)
-        if direction:
-            mode = parse_mode(direction, field=f"improved {name}")
-            pairs.extend((p, mode) for p in pending)
-            pending = []
-    if pending:
-        raise ConfigError(
-            f"improved:{spec}: no direction for {', '.join(pending)}; end with :min or :max "
-            "(e.g. improved:lrap,cmap:max or improved:loss:min,auc:max)"
-        )
-    return Improved(metrics=tuple(pairs), over=over)
-
-
-def parse_recipe(text: str | Recipe, window: str | Window | None = None) -> Recipe:
-    """A `Recipe` from its string (see the module docstring), with an optional extra window."""
-    extra = parse_window(window)
-    if isinstance(text, Recipe):
-        recipe = text
-    else:
-        recipe = _parse(text.strip())
-    if extra is not None:
-        if recipe.window is not None and recipe.window != extra:
-            raise ConfigError(
-                f"recipe {recipe} has window {recipe.window}; do not give a second one ({extra})"
-            )
-        recipe = Recipe(select=recipe.select, window=extra)
-    return recipe
-
-
-def _parse(text: str) -> Recipe:
-    body, at, window_text = text.partition("@")
-    window = parse_window(window_text) if at else None
-    head, _, rest = body.partition(":")
-    parts = rest.split(":") if rest else []
-    usage = {
-        "last": "last:K",
-        "top": "top:K:METRIC:min|max",
-        "greedy": "greedy:METRIC:min|max",
-        "improved": "improved:M1,M2,...:min|max",
-    }
-    try:
-        if head == "uniform" and not parts:
-            return Recipe(select=Uniform(), window=window)
-        if head == "window" and rest:
-            if window is not None:
-                raise ConfigError(f"recipe {text!r}: two windows")
-            return Recipe(select=Uniform(), window=parse_window(rest))
-        if head == "last" and len(parts) == 1:
-            return Recipe(select=Last(k=_int(parts[0], "last:K")), window=window)
-        if head == "top" and len(parts) == 1:
-            return Recipe(select=Top(k=_int(parts[0], "top:K")), window=window)
-        if head == "top" and len(parts) == 3:
-            k = _int(parts[0], "top:K")
-            return Recipe(
-                select=Top(k=k, metric=parts[1], mode=parse_mode(parts[2], field="top mode")), window=window
-            )
-        if head == "greedy" and len(parts) == 2:
-            return Recipe(
-                select=Greedy(metric=parts[0], mode=parse_mode(parts[1], field="greedy mode")), window=window
-            )
-        if head == "improved" and rest:
-            return Recipe(select=parse_improved(rest), window=window)
-    except ConfigError as exc:
-        raise ConfigError(f"recipe {text!r}: {exc}") from None
-    if head in usage:
-        raise ConfigError(f"recipe {text!r}: write {usage[head]}")
-    raise ConfigError(
-        f"recipe {text!r} not understood; use uniform, last:K, top:K:METRIC:min|max, "
-        "improved:M1,M2:min|max, greedy:METRIC:min|max or window:epoch:A-B"
-    )

@@ -16,14 +16,17 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from ladle.averaging.engine import IntPolicy, average_to_file
-from ladle.cli.app import app, console, err_console, print_json
+from ladle.averaging.int_policies import IntPolicy
+from ladle.averaging.output_layouts import average_to_output
+from ladle.cli.app import app, console, err_console, fail, print_json
+from ladle.cli.display import examples
 from ladle.formats import OutputFormat
 
-EXAMPLE = (
-    "Examples:  ladle avg runs/exp1/step-* -o soup.safetensors   |   "
-    "ladle avg a.pt b.pt c.pt -o avg.pt --key model --strip-prefix module.   |   "
-    "ladle avg ckpts/ -o avg.safetensors --weights 0.5,0.3,0.2 --dtype bf16"
+EXAMPLE = examples(
+    "ladle avg runs/exp1/step-* -o soup.safetensors",
+    "ladle avg runs/exp1@best runs/exp1@latest -o two.safetensors",
+    "ladle avg a.pt b.pt c.pt -o avg.pt --key model --strip-prefix module.",
+    "ladle avg ckpts/ -o avg.safetensors --weights 0.5,0.3,0.2 --dtype bf16",
 )
 
 
@@ -58,13 +61,20 @@ def avg_command(
         typer.Argument(
             metavar="INPUT...",
             help="Checkpoints: .safetensors, .pt/.pth/.bin/.ckpt, model or checkpoint folders, "
-            "folders of checkpoint files, globs, runs (every checkpoint), RUN@STEP / RUN@NAME, or a "
+            "folders of checkpoint files, globs, runs (every checkpoint), a checkpoint of a run "
+            "(RUN/best, RUN@1200, ...), or a "
             "transformers Trainer output_dir (its checkpoint-* folders).",
             show_default=False,
         ),
     ],
     output: Annotated[
-        str, typer.Option("-o", "--output", help="Output file (.safetensors, or .pt for torch format).")
+        str,
+        typer.Option(
+            "-o",
+            "--output",
+            help="Output file or URL (.safetensors, or .pt for torch format); for model folders "
+            "(save_pretrained, Trainer checkpoint-*) a folder that from_pretrained loads.",
+        ),
     ],
     weights: Annotated[
         str | None,
@@ -88,6 +98,10 @@ def avg_command(
         str | None,
         typer.Option("--key", help="Where the weights are: 'ema' in ladle checkpoints, a key in pickles."),
     ] = None,
+    ema: Annotated[
+        bool,
+        typer.Option("--ema", help="Average the EMA weights (ema.safetensors, timm's state_dict_ema, ...)."),
+    ] = False,
     strip_prefix: Annotated[
         list[str] | None,
         typer.Option("--strip-prefix", help="Remove this key prefix (repeatable; 'auto' for the usual)."),
@@ -112,21 +126,43 @@ def avg_command(
         ),
     ] = False,
     hash_files: Annotated[
-        bool, typer.Option("--hash/--no-hash", help="Record the sha256 of each input file.")
+        bool,
+        typer.Option(
+            "--hash/--no-hash",
+            help="Hash each input as it is read; refuse one that differs from its meta.json.",
+        ),
     ] = True,
+    skip_corrupt: Annotated[
+        bool,
+        typer.Option("--skip-corrupt", help="Leave out (with a warning) inputs that fail their sha256."),
+    ] = False,
+    keep_structure: Annotated[
+        bool,
+        typer.Option(
+            "--keep-structure",
+            help="Write the newest member's whole checkpoint (fairseq, timm, ...) with its weights "
+            "replaced by the average, so the tool that made it loads the output (torch format).",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the provenance as JSON.")] = False,
 ) -> None:
     """Average checkpoints into one model, one tensor at a time.
 
     Floats accumulate in float32 (bf16/fp16 members are rounded once); integer
-    tensors follow --int-policy; tied weights stay tied. The output is written
-    atomically with its provenance (recipe, members, sha256, weights) in the
-    safetensors metadata and OUT.json.
+    tensors follow --int-policy; tied weights stay tied. Each input is hashed
+    while it is read; one whose bytes differ from the sha256 in its meta.json
+    is refused (--skip-corrupt leaves it out). The output is written atomically
+    with its provenance (recipe, members, sha256 of the bytes read, weights) in
+    the safetensors metadata and OUT.json.
     """
+    if ema and key not in (None, "ema"):
+        fail(f"--ema and --key {key} ask for different weights; give one of them")
+    key = "ema" if ema else key
     with progress_bar("averaging") as advance:
-        result = average_to_file(
+        result = average_to_output(
             inputs,
             output,
+            structure="members" if keep_structure else "file",
             weights=weights,
             dtype=dtype,
             accumulate=accumulate,
@@ -137,6 +173,7 @@ def avg_command(
             trust=trust,
             dedupe=not keep_duplicates,
             hash_files=hash_files,
+            skip_corrupt=skip_corrupt,
             format=fmt,
             force=force,
             progress=advance,

@@ -9,13 +9,15 @@ import typer
 from ladle.cli.app import app, console, fail, print_json
 from ladle.cli.display import examples, human_bytes
 from ladle.errors import ExportFailed, ExportMismatch
-from ladle.tools.export import ExampleInput, ExportDtype, ExportResult, ExportTarget, export_checkpoint
+from ladle.tools.export import export_checkpoint
+from ladle.tools.export_spec import ExampleInput, ExportDtype, ExportResult, ExportTarget
 
 EXAMPLE = examples(
-    "ladle export runs/exp1/step-000001000 -o model.safetensors --ema --dtype bf16",
-    "ladle export runs/exp1/step-000001000 -o model.onnx --model mypkg.models:build --input-shape 1,3,32,32",
-    "ladle export CKPT -o lm.pt --to torchscript --model models.py:TinyLM --input-shape 1,16 "
-    "--input-dtype int64",
+    "ladle export runs/exp1/best -o model.safetensors --ema --dtype bf16",
+    "ladle export runs/exp1/best -o model.onnx --model mypkg.models:build \\",
+    "      --input-shape 1,3,32,32",
+    "ladle export CKPT -o lm.pt --to torchscript --model models.py:TinyLM \\",
+    "      --input-shape 1,16 --input-dtype int64",
     footer="Exit status: 0 written, 1 the export failed or disagrees with eager PyTorch, 2 bad input.",
 )
 
@@ -28,7 +30,7 @@ def export_command(
             metavar="CKPT", help="A checkpoint: ladle checkpoint folder, .safetensors, .pt/.ckpt, ..."
         ),
     ],
-    output: Annotated[str, typer.Option("--output", "-o", help="The file to write.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The file (or URL: s3://...) to write.")],
     to: Annotated[
         ExportTarget | None,
         typer.Option("--to", help="Target format (default: onnx for a .onnx output, else safetensors)."),

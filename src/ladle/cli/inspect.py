@@ -56,7 +56,7 @@ def inspect_command(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """Show what a checkpoint holds, without reading tensor data or running code from it.
+    """Show what a checkpoint holds, without running code from it.
 
     Format, every tensor (name, shape, dtype, bytes), element counts and total
     size; for a ladle checkpoint or a training pickle also its step and metrics
@@ -126,7 +126,13 @@ def _show(result: Inspection, *, limit: int | None) -> None:
     if result.training_state:
         table = Table(title="training state", title_justify="left", header_style="bold")
         for column in ("entry", "kind", "what", "tensors", "size"):
-            table.add_column(column, justify="right" if column in ("tensors", "size") else "left")
+            # Only the summary wraps to fit the width; nothing is cut with "…".
+            table.add_column(
+                column,
+                justify="right" if column in ("tensors", "size") else "left",
+                no_wrap=column != "what",
+                overflow="fold",
+            )
         for item in result.training_state:
             table.add_row(
                 Text(item.name),
@@ -139,8 +145,8 @@ def _show(result: Inspection, *, limit: int | None) -> None:
     if result.tensors:
         rows = result.tensors if limit is None else result.tensors[:limit]
         table = Table(title="tensors", title_justify="left", header_style="bold")
-        table.add_column("name")
-        table.add_column("shape")
+        table.add_column("name", overflow="fold")  # long names wrap, never cut
+        table.add_column("shape", overflow="fold")
         table.add_column("dtype")
         table.add_column("elements", justify="right")
         table.add_column("size", justify="right")

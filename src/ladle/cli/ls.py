@@ -1,24 +1,36 @@
-"""`ladle ls RUN`: a table of a run's checkpoints, marking latest, best and pinned."""
+"""`ladle ls RUN`: a table of a run's checkpoints that fits the terminal, best and latest marked.
+
+Name, step, the monitored metric and the marks are always shown; the epoch, the
+other metrics, the size and the time follow while they fit the width (`--metrics`
+chooses the metrics; `--json` has everything).
+"""
 
 from __future__ import annotations
 
 import os
+import textwrap
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
-from ladle.cli.app import app, console, fail, print_json
-from ladle.cli.display import examples, human_bytes, local_time, number, print_table
+from ladle.cli.app import app, fail, print_json, say
+from ladle.cli.display import box_table, examples, human_bytes, local_time, number, output_width
+from ladle.errors import ConfigError
 from ladle.metrics import parse_mode
-from ladle.store.run import META_NAME, CheckpointInfo, Run
+from ladle.store.checkpoint import CheckpointInfo
+from ladle.store.layout import HISTORY_NAME, META_NAME
+from ladle.store.lock import LOCK_NAME
+from ladle.store.refs import is_run_dir
+from ladle.store.run import Run
 
 EXAMPLE = examples(
     "ladle ls runs/exp1",
+    "ladle ls runs/exp1 --metrics val_loss,val_acc",
     "ladle ls runs/exp1 --best-by val_acc --mode max",
     "ladle ls runs/exp1 --json",
 )
+# rich's default box: one border column per column plus one, and one space each side.
+_COLUMN_OVERHEAD = 3
 
 
 def checkpoint_rows(run: Run, *, best_by: str | None = None, mode: str | None = None) -> list[dict[str, Any]]:
@@ -51,6 +63,45 @@ def _row(info: CheckpointInfo, latest: CheckpointInfo | None, best: CheckpointIn
     }
 
 
+def open_run(path: str) -> Run:
+    """The run at `path`, or a one-line refusal saying what `path` is instead.
+
+    Output folders of other tools (transformers Trainer, Lightning, timm) are
+    recognised in `not_a_run_message` below; listing them is `ladle.store.foreign_runs`'s job.
+    """
+    if "://" not in path:
+        local = os.path.abspath(path)
+        if os.path.isfile(os.path.join(local, META_NAME)):
+            fail(
+                f"{local}: is one checkpoint, not a run; list its run with "
+                f"`ladle ls {os.path.dirname(local)}` or look inside with `ladle inspect {path}`"
+            )
+        if os.path.isdir(local) and not _has_run_files(local):
+            fail(not_a_run_message(local))
+    return Run(path)
+
+
+def _has_run_files(path: str) -> bool:
+    # A writer that has not committed yet leaves its lock or history: a run with no checkpoints.
+    return is_run_dir(path) or any(os.path.exists(os.path.join(path, n)) for n in (LOCK_NAME, HISTORY_NAME))
+
+
+def not_a_run_message(path: str) -> str:
+    """Why `path` (an existing local folder) is not a ladle run, and what to run instead."""
+    from ladle.store.foreign_runs import foreign_tool
+
+    tool = foreign_tool(path)
+    if tool is not None:
+        return (
+            f"{path}: a {tool} output folder, not a ladle run; average it with `ladle soup {path}` "
+            f"or look at one checkpoint with `ladle inspect`"
+        )
+    return (
+        f"{path}: not a ladle run (no ladle.json and no checkpoint folder with a meta.json); "
+        "pass the folder a CheckpointManager writes to"
+    )
+
+
 @app.command("ls", epilog=EXAMPLE)
 def ls_command(
     run_path: Annotated[
@@ -58,74 +109,175 @@ def ls_command(
     ],
     best_by: Annotated[
         str | None,
-        typer.Option("--best-by", help="Mark the best checkpoint by this metric instead of the run's."),
+        typer.Option(
+            "--best-by", metavar="METRIC", help="Mark the best checkpoint by this metric, not the run's."
+        ),
     ] = None,
     mode: Annotated[
-        str | None, typer.Option("--mode", help="Direction of --best-by: min or max (default min).")
+        str | None,
+        typer.Option("--mode", metavar="min|max", help="Direction of --best-by (default min)."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics",
+            metavar="M1,M2|all|none",
+            help="Metric columns besides the monitored one (default: those that fit the width).",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts (every field).")] = False,
 ) -> None:
-    """List a run's checkpoints: name, step, epoch, time, metrics, size.
+    """List a run's checkpoints: name, step, metrics, marks.
 
-    Marks the latest, the best (by the run's monitored metric, or --best-by) and
-    pinned checkpoints, and those holding EMA weights.
+    Marks the latest training checkpoint, the best (by the run's monitored
+    metric, or --best-by), pinned ones, those holding EMA weights, and soups.
+    Columns that do not fit the terminal are left out (--metrics, --json).
     """
     if mode is not None and best_by is None:
         fail("--mode needs --best-by METRIC (the run's own monitor already has a direction)")
-    local = run_path if "://" in run_path else os.path.abspath(run_path)
-    if "://" not in run_path and os.path.isfile(os.path.join(local, META_NAME)):
-        fail(
-            f"{local}: is one checkpoint, not a run; list its run with `ladle ls {os.path.dirname(local)}` "
-            f"or look inside with `ladle inspect {run_path}`"
-        )
-    run = Run(run_path)
-    rows = checkpoint_rows(run, best_by=best_by, mode=mode)
+    if "://" not in run_path and _list_foreign(run_path, best_by, mode, metrics, as_json):
+        return
+    run = open_run(run_path)
+    if best_by is not None:
+        _check_metric(run, best_by)
+    try:
+        rows = checkpoint_rows(run, best_by=best_by, mode=mode)
+    except ConfigError as exc:
+        fail(str(exc))
     monitor = {"metric": best_by, "mode": mode or "min"} if best_by else run.monitor
     if as_json:
         print_json({"run": run.path, "monitor": monitor, "checkpoints": rows})
         return
     if not rows:
-        console.print(f"{run.path}: no checkpoints yet", highlight=False, markup=False, soft_wrap=True)
+        say(f"{run.path}: no checkpoints yet")
         return
-    print_table(console, _table(run.path, rows, monitor))
+    table, note = render(run.path, rows, monitor, width=output_width(), metrics=metrics)
+    say(table)
+    if note:
+        say(note)
 
 
-def _table(path: str, rows: list[dict[str, Any]], monitor: dict[str, str] | None) -> Table:
-    metric_names: list[str] = []
-    if monitor and monitor.get("metric"):
-        metric_names.append(monitor["metric"])
-    for row in rows:
-        for name in row["metrics"]:
-            if name not in metric_names:
-                metric_names.append(name)
+def _list_foreign(
+    path: str, best_by: str | None, mode: str | None, metrics: str | None, as_json: bool
+) -> bool:
+    """List a Trainer, Lightning or timm output folder (metrics from the tool's own records);
+    False when `path` is not one."""
+    from ladle.store.checkpoint import best_of
+    from ladle.store.foreign_runs import ForeignRun, foreign_tool
+
+    local = os.path.abspath(path)
+    if _has_run_files(local) or foreign_tool(local) is None:
+        return False
+    run = ForeignRun(local)
+    checkpoints = run.checkpoints()
+    monitor = {"metric": best_by, "mode": mode or "min"} if best_by else run.monitor
+    best = None
+    if monitor:
+        best = best_of(checkpoints, monitor["metric"], parse_mode(monitor["mode"], field="--mode"))
+    rows = [{**_row(c, checkpoints[-1], best), "tool": run.tool} for c in checkpoints]
+    if as_json:
+        print_json({"run": run.path, "tool": run.tool, "monitor": monitor, "checkpoints": rows})
+        return True
+    table, note = render(run.path, rows, monitor, width=output_width(), metrics=metrics)
+    say(table)
+    say(f"{run.path}: a {run.tool} output folder (read-only to ladle; no checksums recorded)")
+    if note:
+        say(note)
+    return True
+
+
+def _check_metric(run: Run, metric: str) -> None:
+    known = sorted({m for c in run.checkpoints() for m in c.metrics})
+    if metric not in known:
+        shown = ", ".join(known) if known else "none recorded"
+        fail(f"--best-by {metric}: no checkpoint of {run.path} records it; metrics: {shown}")
+
+
+def render(
+    path: str,
+    rows: list[dict[str, Any]],
+    monitor: dict[str, str] | None,
+    *,
+    width: int,
+    metrics: str | None = None,
+) -> tuple[Any, str | None]:
+    """The titled table for `rows` within `width` columns (text), and a note naming what was left out."""
+    watched = monitor["metric"] if monitor and monitor.get("metric") else None
+    others = _metric_names(rows, watched)
+    # Metrics named with --metrics (or all of them) are shown even when the table gets wider.
+    if metrics is None or metrics == "all":
+        wanted, fit = others, metrics is None
+    elif metrics == "none":
+        wanted, fit = [], True
+    else:
+        wanted = [m.strip() for m in metrics.split(",") if m.strip()]
+        unknown = [m for m in wanted if m not in others and m != watched]
+        if unknown:
+            fail(f"--metrics {','.join(unknown)}: not recorded; metrics: {', '.join(others) or 'none'}")
+        wanted, fit = [m for m in wanted if m != watched], False
+
+    def cells(key: str) -> list[str]:
+        if key == "epoch":
+            return ["-" if r["epoch"] is None else str(r["epoch"]) for r in rows]
+        if key == "size":
+            return [human_bytes(r["size"]) for r in rows]
+        if key == "time":
+            return [r["time_local"] for r in rows]
+        return [number(r["metrics"][key]) if key in r["metrics"] else "-" for r in rows]
+
+    marks = [_marks(r) for r in rows]
+    columns: dict[str, list[str]] = {"name": [r["name"] for r in rows]}
+    columns["step"] = [str(r["step"]) for r in rows]
+    if watched:
+        columns[watched] = cells(watched)
+    columns["marks"] = marks
+    optional = ["epoch", *wanted, "size", "time"]
+    left_out: list[str] = []
+    used = sum(_width(k, v) for k, v in columns.items()) + 1
+    for key in optional:
+        values = cells(key)
+        required = key in wanted and not fit
+        if not required and used + _width(key, values) > width:
+            left_out.append(key)
+            continue
+        columns[key] = values
+        used += _width(key, values)
+    order = ["name", "step", "epoch", *([watched] if watched else []), *wanted, "size", "time", "marks"]
     title = f"{path}: {len(rows)} checkpoints, {human_bytes(sum(r['size'] for r in rows))}"
     if monitor:
         title += f"; best = {monitor['mode']} {monitor['metric']}"
-    table = Table(title=title, title_justify="left", header_style="bold")
-    # Names and times stay whole; rich narrows the metric columns instead.
-    table.add_column("name", no_wrap=True, min_width=max(len(r["name"]) for r in rows))
-    table.add_column("step", justify="right", no_wrap=True)
-    table.add_column("epoch", justify="right")
-    table.add_column("time", no_wrap=True, min_width=19)
-    for name in metric_names:
-        table.add_column(name, justify="right")
-    table.add_column("size", justify="right", no_wrap=True)
-    table.add_column("marks")
-    for row in rows:
-        marks = [m for m in ("latest", "best", "pinned") if row[m]]
-        if row["ema"]:
-            marks.append("ema")
-        if row["kind"] != "train":
-            marks.append(row["kind"])
-        style = "bold" if row["best"] else None
-        table.add_row(
-            Text(row["name"]),
-            str(row["step"]),
-            "-" if row["epoch"] is None else str(row["epoch"]),
-            row["time_local"],
-            *[number(row["metrics"][m]) if m in row["metrics"] else "-" for m in metric_names],
-            human_bytes(row["size"]),
-            ", ".join(marks),
-            style=style,
+    shown = [k for k in order if k in columns]
+    cells_by_row = [[columns[k][i] for k in shown] for i in range(len(rows))]
+    table = box_table(shown, cells_by_row, left={"name", "time", "marks"})
+    hidden_metrics = [k for k in left_out if k not in ("epoch", "size", "time")]
+    note = None
+    if hidden_metrics:
+        note = textwrap.fill(
+            f"not shown for lack of width: {', '.join(hidden_metrics)} (--metrics picks the "
+            "metric columns, --json has everything)",
+            width=max(width, 40),
         )
-    return table
+    title = textwrap.fill(title, width=max(width, 40), break_long_words=False, break_on_hyphens=False)
+    return f"{title}\n{table}", note
+
+
+def _metric_names(rows: list[dict[str, Any]], watched: str | None) -> list[str]:
+    names: list[str] = []
+    for row in rows:
+        for name in row["metrics"]:
+            if name != watched and name not in names:
+                names.append(name)
+    return names
+
+
+def _marks(row: dict[str, Any]) -> str:
+    marks = [m for m in ("latest", "best", "pinned") if row[m]]
+    if row["ema"]:
+        marks.append("ema")
+    if row["kind"] != "train":
+        marks.append(row["kind"])
+    return ", ".join(marks)
+
+
+def _width(header: str, values: list[str]) -> int:
+    return max([len(header), *(len(v) for v in values)]) + _COLUMN_OVERHEAD

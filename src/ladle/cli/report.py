@@ -8,11 +8,12 @@ from typing import Annotated
 import typer
 
 from ladle.cli.app import app, console, print_json
+from ladle.cli.display import examples
 
-EXAMPLE = (
-    "Examples:  ladle report runs/exp1 -o report.png   |   "
-    "ladle report runs/exp1 --recipe last:5 --recipe top:5:val_loss:min -o report.png   |   "
-    "ladle report runs/exp1 --recipe soup.safetensors --metric loss --x epoch -o loss.svg"
+EXAMPLE = examples(
+    "ladle report runs/exp1 -o report.png",
+    "ladle report runs/exp1 --recipe last:5 --recipe top:5:val_loss:min",
+    "ladle report runs/exp1 --recipe soup.safetensors --metric loss -o loss.svg",
 )
 
 
@@ -21,7 +22,9 @@ def report_command(
     run: Annotated[str, typer.Argument(metavar="RUN", help="The run folder.", show_default=False)],
     output: Annotated[
         str,
-        typer.Option("-o", "--output", help="Image to write: .png, .svg or .pdf (replaced if it exists)."),
+        typer.Option(
+            "-o", "--output", help="Image to write (path or URL): .png, .svg or .pdf (replaced if it exists)."
+        ),
     ] = "report.png",
     recipes: Annotated[
         list[str] | None,
@@ -41,12 +44,12 @@ def report_command(
     title: Annotated[str | None, typer.Option("--title", help="Title above the panels.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was drawn as JSON.")] = False,
 ) -> None:
-    """Draw a run's learning curves: one panel per metric, train and validation together.
+    """Draw a run's learning curves, one panel per metric.
 
     The history comes from the run (every checkpoint stores it). Saved
     checkpoints are marked on the monitored curve, the best one with a star;
     a strip under the panels shows the members of each --recipe. Needs
-    matplotlib (pip install 'ladle\\[plot]').
+    matplotlib (pip install 'ladle[plot]').
     """
     from ladle.tools.report import plot_run
 
@@ -69,6 +72,8 @@ def report_command(
 
 
 def _shown(path: str) -> str:
-    """A path as the user would type it: relative when it is under the working directory."""
+    """A path as the user would type it: relative when it is under the working directory; a URL as is."""
+    if "://" in path:
+        return path
     relative = os.path.relpath(path)
     return path if relative.startswith("..") else relative

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn
 
 from ladle.cli.app import app, console, err_console, print_json
 from ladle.cli.display import examples, human_bytes
-from ladle.store.verification import Verification, verify_path
+from ladle.store.verification import Verification
 
 EXAMPLE = examples(
     "ladle verify runs/exp1",
@@ -22,7 +21,10 @@ EXAMPLE = examples(
 @app.command("verify", epilog=EXAMPLE)
 def verify_command(
     path: Annotated[
-        str, typer.Argument(metavar="RUN|CKPT", help="A run directory or one checkpoint folder.")
+        str,
+        typer.Argument(
+            metavar="RUN|CKPT", help="A run, one checkpoint folder, or a reference (RUN/best, RUN@1200)."
+        ),
     ],
     quick: Annotated[
         bool,
@@ -30,24 +32,33 @@ def verify_command(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """Check every checkpoint file against the size and sha256 in its meta.json, and load it.
+    """Check every checkpoint file against its recorded sha256.
 
     Names each bad file (missing, truncated, changed, unreadable) and each folder
     that looks like a checkpoint but is not one (no or unreadable meta.json).
     """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from ladle.store.refs import resolve_checkpoint
+    from ladle.store.verification import verify_path
+
+    path = resolve_checkpoint(path)  # RUN/best, RUN@1200, ... (ladle.store.refs)
+
     show_progress = not as_json and err_console.is_terminal
     with Progress(
-        TextColumn("verifying {task.fields[name]}"),
+        TextColumn("verifying"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[name]}"),
         console=err_console,
         transient=True,
         disable=not show_progress,
     ) as bar:
-        task = bar.add_task("verify", total=None, name="")
+        # Shown from the first checkpoint on, when the total is known (never "0/None").
+        task = bar.add_task("verify", total=None, name="", visible=False)
 
         def progress(name: str, done: int, total: int) -> None:
-            bar.update(task, name=name, completed=done, total=total)
+            bar.update(task, name=name, completed=done, total=total, visible=True)
 
         result = verify_path(path, load=not quick, progress=progress)
     if as_json:
@@ -83,4 +94,5 @@ def _show(result: Verification) -> None:
             f"{bad} of {total} checkpoints failed verification", style="bold", markup=False, soft_wrap=True
         )
     else:
-        console.print(f"all {total} checkpoints verified", markup=False, soft_wrap=True, highlight=False)
+        noun = "checkpoint" if total == 1 else "checkpoints"
+        console.print(f"all {total} {noun} verified", markup=False, soft_wrap=True, highlight=False)

@@ -8,6 +8,11 @@ from typing import Any
 
 from ladle.errors import ConfigError
 
+SCENARIOS = ("digits", "small-val")
+"""digits: the 1797 bundled 8x8 digits, 10 classes, an MLP (no BatchNorm).
+small-val: the 569 rows of breast_cancer, 2 classes, 114 validation rows, an MLP with BatchNorm
+and dropout whose soups are recalibrated; adds the greedy soup made for small validation sets."""
+
 
 @dataclass(kw_only=True, frozen=True)
 class DemoConfig:
@@ -20,6 +25,8 @@ class DemoConfig:
     differently on clean held-out data.
     """
 
+    scenario: str = "digits"
+    """Which data and network: "digits" or "small-val" (see `SCENARIOS`)."""
     seed: int = 0
     """Seeds the split, the label noise, the initialisation and the batch order."""
     epochs: int = 30
@@ -27,7 +34,7 @@ class DemoConfig:
     label_noise: float = 0.2
     """Fraction of training labels replaced by a different, random class (validation and test stay clean)."""
     val_fraction: float = 0.2
-    """Share of the 1797 digits held out for validation (checkpoint selection, greedy soup)."""
+    """Share of the rows held out for validation (checkpoint selection, greedy soup)."""
     test_fraction: float = 0.2
     """Share held out for the final test table; never seen by any selection."""
     hidden: int = 128
@@ -44,6 +51,8 @@ class DemoConfig:
     """Members of the last-K and top-K soups and of the prediction ensemble."""
 
     def __post_init__(self) -> None:
+        if self.scenario not in SCENARIOS:
+            raise ConfigError(f"scenario={self.scenario!r} is not known; use {' or '.join(SCENARIOS)}")
         _whole("seed", self.seed, low=0)
         _whole("epochs", self.epochs, low=1)
         _whole("hidden", self.hidden, low=1)

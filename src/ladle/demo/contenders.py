@@ -6,6 +6,11 @@ best validation NLL, four soups written by `ladle.soup`, and a
 prediction ensemble of the top K as the reference that costs K forward
 passes. Validation data chooses (the best checkpoint, the top K, the greedy
 soup's members); test data only scores.
+
+In the small-validation-set scenario the network has BatchNorm: every soup
+is recalibrated on the training data (`recalibrate=`), and two more greedy
+soups search on validation NLL, the second only accepting what holds on
+both halves of random splits (`GREEDY_NLL`, `GREEDY_HALVES`).
 """
 
 from __future__ import annotations
@@ -20,16 +25,24 @@ from torch import nn
 from ladle.averaging.soups import soup
 from ladle.demo.config import DemoConfig
 from ladle.demo.data import Splits
-from ladle.demo.evaluation import Scores, score_files, score_model
-from ladle.demo.model import build_model
+from ladle.demo.evaluation import Scores, per_example, score_files, score_model
+from ladle.demo.model import has_batchnorm, model_builder
 from ladle.demo.training import EMA_MONITOR, MONITOR
-from ladle.errors import CheckpointNotFound
-from ladle.store.run import CheckpointInfo, Run
+from ladle.errors import CheckpointNotFound, EmptySelection
+from ladle.store.checkpoint import CheckpointInfo
+from ladle.store.run import Run
 
 IMPROVED = "improved:val_acc,val_f1:max,val_nll:min"
 """Checkpoints that set a new best on any validation metric (the BirdCLEF-style soup)."""
 GREEDY = "greedy:val_acc:max"
 """Wortsman et al. 2022: add members best-first while held-out accuracy does not drop."""
+GREEDY_NLL = "greedy:val_nll:min"
+"""Greedy on validation NLL, BatchNorm recalibrated: the recipe for small validation sets (NLL rarely
+ties, so an average joins only when it lowers the NLL)."""
+GREEDY_HALVES = "greedy:val_nll:min:accept=halves"
+"""Greedy on validation NLL, a member joining only if the NLL improves on both halves of each of
+10 random splits of the validation set: on a small set it keeps the best checkpoint unless an
+average is better beyond doubt."""
 
 BuildCallback = Callable[[str], None]
 """Called with each contender's label before it is built."""
@@ -98,6 +111,15 @@ def build_contenders(
         )
     os.makedirs(soups_dir, exist_ok=True)
     k = config.k
+    build = model_builder(config, splits)
+    # Training batches to re-estimate BatchNorm statistics of soups on (the network has them only
+    # in the small-validation-set scenario); the same data the network was trained on.
+    size = config.batch_size
+    recalibrate = (
+        [splits.train.x[i : i + size] for i in range(0, len(splits.train), size)]
+        if has_batchnorm(config)
+        else None
+    )
 
     def note(label: str) -> None:
         if on_build is not None:
@@ -108,8 +130,8 @@ def build_contenders(
 
     def scored(paths: list[str]) -> tuple[Scores, Scores]:
         return (
-            score_files(paths, splits.val, hidden=config.hidden),
-            score_files(paths, splits.test, hidden=config.hidden),
+            score_files(paths, splits.val, build=build),
+            score_files(paths, splits.test, build=build),
         )
 
     def single(key: str, label: str, info: CheckpointInfo, filename: str, kind: str) -> Contender:
@@ -128,16 +150,31 @@ def build_contenders(
             test=test,
         )
 
-    def souped(key: str, label: str, recipe: str, **kwargs: Any) -> Contender:
+    def souped(key: str, label: str, recipe: str, fallback: str | None = None, **kwargs: Any) -> Contender:
         note(label)
         output = os.path.join(soups_dir, f"{key}.safetensors")
-        result = soup(run, recipe, output=output, force=True, **kwargs)
+        if recalibrate is not None:
+            kwargs = {"recalibrate": recalibrate, "model": build, **kwargs}
+        details: dict[str, Any] = {}
+        try:
+            result = soup(run, recipe, output=output, force=True, **kwargs)
+        except EmptySelection as exc:
+            if fallback is None:
+                raise
+            # The table needs every row in every seed: say what happened and make the fallback.
+            details["fallback"] = f"{exc}; made {fallback} instead"
+            result = soup(run, fallback, output=output, force=True, **kwargs)
         assert result.path is not None
         val, test = scored([result.path])
-        details: dict[str, Any] = {}
         if result.greedy:
             details["greedy"] = [
-                {"name": s.name, "score": s.score, "soup_score": s.soup_score, "accepted": s.accepted}
+                {
+                    "name": s.name,
+                    "score": s.score,
+                    "soup_score": s.soup_score,
+                    "accepted": s.accepted,
+                    "reason": s.reason,
+                }
                 for s in result.greedy
             ]
         return Contender(
@@ -163,15 +200,17 @@ def build_contenders(
         single("ema-best", "EMA at its best", ema_best, "ema.safetensors", "ema"),
         souped("last-k", f"soup: last {k}", f"last:{k}"),
         souped("top-k", f"soup: top {k}", f"top:{k}:{MONITOR}:min"),
-        souped("improved", "soup: improved", IMPROVED),
-        souped(
-            "greedy",
-            "soup: greedy",
-            GREEDY,
-            evaluate=evaluate,
-            model=lambda: build_model(config.hidden),
-        ),
+        souped("improved", "soup: improved", IMPROVED, fallback=f"{IMPROVED}:warmup=0"),
+        souped("greedy", "soup: greedy", GREEDY, evaluate=evaluate, model=build),
     ]
+    if config.scenario == "small-val":
+        contenders += [
+            souped(key, label, recipe, evaluate=lambda model: per_example(model, splits.val), model=build)
+            for key, label, recipe in (
+                ("greedy-nll", "soup: greedy on NLL", GREEDY_NLL),
+                ("greedy-halves", "soup: greedy on halves", GREEDY_HALVES),
+            )
+        ]
     top = next(c for c in contenders if c.key == "top-k")
     note(f"ensemble of top {k}")
     paths = [run.get(name).file("model.safetensors") for name in top.members]

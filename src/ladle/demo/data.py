@@ -1,4 +1,4 @@
-"""The demo's data: scikit-learn's bundled 8x8 digits (no download), split and made noisy.
+"""The demo's data: scikit-learn's bundled 8x8 digits or breast_cancer (no download), split and made noisy.
 
 The split is stratified and seeded, so the same seed gives the same three
 sets anywhere. Only training labels are flipped (`label_noise`); validation
@@ -44,36 +44,49 @@ class Splits:
     """Clean labels; only the final table looks at it."""
     flipped: int
     """How many training labels were flipped."""
+    classes: int = CLASSES
+    """Number of classes."""
+    features: int = FEATURES
+    """Input features per example."""
 
 
-def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+def _load(scenario: str) -> tuple[np.ndarray, np.ndarray]:
     try:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_breast_cancer, load_digits
     except ImportError:
         raise MissingDependency(
-            "the demo needs scikit-learn (its bundled digits data set): pip install 'ladle[demo]'"
+            "the demo needs scikit-learn (its bundled data sets): pip install 'ladle[demo]'"
         ) from None
-    x, y = load_digits(return_X_y=True)
+    load = load_breast_cancer if scenario == "small-val" else load_digits
+    x, y = load(return_X_y=True)
     return x.astype(np.float64), y.astype(np.int64)
 
 
-def flip_labels(labels: np.ndarray, rate: float, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+def flip_labels(
+    labels: np.ndarray, rate: float, rng: np.random.Generator, classes: int = CLASSES
+) -> tuple[np.ndarray, int]:
     """A copy of `labels` with a `rate` share replaced by a different class, chosen uniformly."""
     noisy = labels.copy()
     count = round(rate * len(labels))
     chosen = rng.choice(len(labels), size=count, replace=False)
-    # Adding 1..9 modulo 10 always lands on another class, each with equal chance.
-    noisy[chosen] = (noisy[chosen] + rng.integers(1, CLASSES, size=count)) % CLASSES
+    # Adding 1..classes-1 modulo classes always lands on another class, each with equal chance.
+    noisy[chosen] = (noisy[chosen] + rng.integers(1, classes, size=count)) % classes
     return noisy, count
 
 
 def load_splits(
-    *, seed: int, label_noise: float, val_fraction: float = 0.2, test_fraction: float = 0.2
+    *,
+    seed: int,
+    label_noise: float,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    scenario: str = "digits",
 ) -> Splits:
-    """The digits split into train/val/test (stratified by class), seeded by `seed`."""
+    """The scenario's data split into train/val/test (stratified by class), seeded by `seed`."""
     from sklearn.model_selection import train_test_split
 
-    x, y = _load_digits()
+    x, y = _load(scenario)
+    classes = int(y.max()) + 1
     held_out = val_fraction + test_fraction
     x_train, x_rest, y_train, y_rest = train_test_split(
         x, y, test_size=held_out, stratify=y, random_state=seed
@@ -82,10 +95,12 @@ def load_splits(
         x_rest, y_rest, test_size=test_fraction / held_out, stratify=y_rest, random_state=seed
     )
     rng = np.random.default_rng(seed)
-    y_noisy, flipped = flip_labels(y_train, label_noise, rng)
+    y_noisy, flipped = flip_labels(y_train, label_noise, rng, classes)
     mean = x_train.mean(axis=0)
-    # Some border pixels are (nearly) always blank: a floor on the spread keeps them finite.
-    scale = np.maximum(x_train.std(axis=0), 1.0)
+    # Some border pixels of the digits are (nearly) always blank: a floor on the spread keeps them
+    # finite. breast_cancer's features have scales from 1e-3 to 1e3: each gets its own spread.
+    spread = x_train.std(axis=0)
+    scale = np.maximum(spread, 1.0) if scenario == "digits" else np.maximum(spread, 1e-8)
 
     def split(features: np.ndarray, labels: np.ndarray) -> Split:
         scaled = (features - mean) / scale
@@ -94,5 +109,10 @@ def load_splits(
         )
 
     return Splits(
-        train=split(x_train, y_noisy), val=split(x_val, y_val), test=split(x_test, y_test), flipped=flipped
+        train=split(x_train, y_noisy),
+        val=split(x_val, y_val),
+        test=split(x_test, y_test),
+        flipped=flipped,
+        classes=classes,
+        features=int(x.shape[1]),
     )

@@ -9,7 +9,7 @@ those of the files the demo wrote.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -59,7 +59,17 @@ def score_log_probs(log_probs: torch.Tensor, labels: torch.Tensor) -> Scores:
     correct = int((predicted == labels).sum())
     nll = float(-log_probs.gather(1, labels[:, None]).mean())
     n = int(labels.shape[0])
-    return Scores(acc=correct / n, f1=macro_f1(predicted, labels), nll=nll, correct=correct, n=n)
+    f1 = macro_f1(predicted, labels, classes=int(log_probs.shape[1]))
+    return Scores(acc=correct / n, f1=f1, nll=nll, correct=correct, n=n)
+
+
+def per_example(model: nn.Module, split: Split) -> dict[str, torch.Tensor]:
+    """Per-example correctness (0/1) and NLL: what the greedy rule `accept=halves` compares."""
+    log_probs = log_probs_of(model, split.x)
+    return {
+        "val_acc": (log_probs.argmax(dim=1) == split.y).double(),
+        "val_nll": -log_probs.gather(1, split.y[:, None]).squeeze(1),
+    }
 
 
 @torch.no_grad()
@@ -78,9 +88,11 @@ def score_model(model: nn.Module, split: Split) -> Scores:
     return score_log_probs(log_probs_of(model, split.x), split.y)
 
 
-def model_from_weights(weights: Mapping[str, torch.Tensor], hidden: int) -> nn.Module:
-    """The demo network with these weights (every key must fit)."""
-    model = build_model(hidden)
+def model_from_weights(
+    weights: Mapping[str, torch.Tensor], hidden: int, build: Callable[[], nn.Module] | None = None
+) -> nn.Module:
+    """The demo network (`build()`, or the digits MLP of width `hidden`) with these weights."""
+    model = build() if build is not None else build_model(hidden)
     model.load_state_dict(dict(weights), strict=True)
     return model
 
@@ -92,11 +104,13 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     return load_file(path)
 
 
-def score_files(paths: Sequence[str], split: Split, *, hidden: int) -> Scores:
+def score_files(
+    paths: Sequence[str], split: Split, *, hidden: int = 128, build: Callable[[], nn.Module] | None = None
+) -> Scores:
     """Scores of one weights file, or of the prediction ensemble of several (mean probability)."""
     if not paths:
         raise ValueError("score_files needs at least one weights file")
-    per_model = [log_probs_of(model_from_weights(read_weights(p), hidden), split.x) for p in paths]
+    per_model = [log_probs_of(model_from_weights(read_weights(p), hidden, build), split.x) for p in paths]
     # log(mean(p_i)) computed in log space: stable however small the probabilities get.
     combined = torch.logsumexp(torch.stack(per_model), dim=0) - math.log(len(per_model))
     return score_log_probs(combined, split.y)

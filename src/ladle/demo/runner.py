@@ -178,6 +178,7 @@ def run_seed(config: DemoConfig, out: str, folder: str, progress: Progress) -> S
         label_noise=config.label_noise,
         val_fraction=config.val_fraction,
         test_fraction=config.test_fraction,
+        scenario=config.scenario,
     )
     with deterministic():
         trained = train(
@@ -253,7 +254,8 @@ def run_demo(
                 first.run.path,
                 os.path.join(out, REPORT),
                 recipes=report_recipes(first, out),
-                title=f"ladle demo, seed {first.seed}: {config.label_noise:.0%} of training labels flipped",
+                title=f"ladle demo ({config.scenario}), seed {first.seed}: "
+                f"{config.label_noise:.0%} of training labels flipped",
             )
             report_path = drawn.path
         except MissingDependency as exc:

@@ -19,7 +19,7 @@ from ladle.averaging.ema import EMA
 from ladle.demo.config import DemoConfig
 from ladle.demo.data import Splits
 from ladle.demo.evaluation import score_model
-from ladle.demo.model import build_model
+from ladle.demo.model import model_builder
 from ladle.saving.manager import CheckpointManager
 from ladle.state.sampler import ResumableDataLoader
 
@@ -53,7 +53,7 @@ def train(
     """Train from scratch into `run_dir` (which must not hold a run yet); seeded by `config.seed`."""
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    model = build_model(config.hidden)
+    model = model_builder(config, splits)()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema = EMA(model, decay=config.ema_decay)
     dataset = torch.utils.data.TensorDataset(splits.train.x, splits.train.y)

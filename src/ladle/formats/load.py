@@ -3,9 +3,16 @@
 Files: `.safetensors`, a shard index (`*.safetensors.index.json`,
 `pytorch_model.bin.index.json`), torch pickles (`.pt .pth .bin .ckpt .pth.tar`).
 Folders: a ladle checkpoint (`meta.json` beside `model.safetensors`; `key="ema"`
-reads `ema.safetensors`, any other key `<key>.safetensors`), or a
+reads `ema.safetensors`, any other key `<key>.safetensors`; a sharded one holds a
+DCP folder instead, read by model name), a `torch.distributed.checkpoint` folder
+(`.metadata` beside `*.distcp`, see `ladle.formats.dcp`), or a
 transformers-style model folder (`model.safetensors`, its sharded index,
 `pytorch_model.bin`, or its sharded index, in that order).
+
+Paths may be URLs (`s3://`, `gs://`, `memory://`, `file://`): safetensors files
+are read with ranged requests, tensor by tensor; a torch pickle, which
+`torch.load` needs as a real file, is downloaded to a temporary file that is
+deleted when the source is closed.
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ladle.errors import CheckpointNotFound, CorruptCheckpoint, FormatError
+from ladle.errors import CheckpointNotFound, CorruptCheckpoint, FormatError, first_line
+from ladle.formats.dcp import DcpSource, folder_step
+from ladle.formats.dcp_metadata import METADATA_NAME as DCP_METADATA
+from ladle.formats.dcp_metadata import is_dcp_dir
 from ladle.formats.safetensors_io import (
     SafetensorsSource,
     ShardedSafetensorsSource,
@@ -28,6 +38,8 @@ from ladle.formats.source import (
     normalize_prefixes,
 )
 from ladle.formats.torch_io import TorchSource, is_torch_file, torch_shards
+from ladle.store.paths import download, open_ranged, path_isfile, path_kind, path_size, read_path
+from ladle.store.storage import is_url, local_path_of
 
 log = logging.getLogger("ladle")
 
@@ -56,10 +68,11 @@ def load_source(
     common ones). `trust=True` allows full unpickling of pickles that hold more
     than tensors (that runs code from the file).
     """
-    text = os.fspath(path)
-    if not os.path.exists(text):
+    text = local_path_of(os.fspath(path))
+    kind = path_kind(text)
+    if kind is None:
         raise CheckpointNotFound(f"{text}: no such file or directory")
-    if os.path.isdir(text):
+    if kind == "dir":
         source = _open_dir(text, key, trust)
     else:
         source = _open_file(text, key, trust)
@@ -74,16 +87,21 @@ def _open_file(path: str, key: str | None, trust: bool) -> TensorSource:
     if lower.endswith(".index.json"):
         if lower.endswith(".safetensors.index.json"):
             return _subset(ShardedSafetensorsSource(path), key)
+        if is_url(path):
+            raise FormatError(f"{path}: sharded torch pickles are read from local folders; copy it first")
         return TorchSource(path, key=key, trust=trust, shards=torch_shards(path))
     if lower.endswith(".safetensors"):
         return _subset(SafetensorsSource(path), key)
     if is_torch_file(path):
-        return TorchSource(path, key=key, trust=trust)
+        return _torch_source(path, key, trust)
     # Unknown suffix: trust the bytes, not the name.
-    with open(path, "rb") as handle:
-        head = handle.read(9)
+    reader = open_ranged(path)
+    try:
+        head = reader.read(0, min(9, reader.size))
+    finally:
+        reader.close()
     if head[:2] == b"PK":
-        return TorchSource(path, key=key, trust=trust)
+        return _torch_source(path, key, trust)
     if len(head) == 9 and head[8:9] == b"{":
         return _subset(SafetensorsSource(path), key)
     raise FormatError(
@@ -91,47 +109,85 @@ def _open_file(path: str, key: str | None, trust: bool) -> TensorSource:
     )
 
 
+def _torch_source(path: str, key: str | None, trust: bool) -> TensorSource:
+    """A torch pickle; one on a store is downloaded first (deleted again on close)."""
+    if not is_url(path):
+        return TorchSource(path, key=key, trust=trust)
+    local = download(path)
+    try:
+        source = TorchSource(local, key=key, trust=trust)
+    except BaseException:
+        os.remove(local)
+        raise
+    return _Downloaded(source, path, local)
+
+
 def _open_dir(path: str, key: str | None, trust: bool) -> TensorSource:
-    if os.path.isfile(os.path.join(path, "meta.json")):
+    if path_isfile(os.path.join(path, "meta.json")):
         return _open_ladle_checkpoint(path, key)
+    if is_dcp_dir(path):
+        return _open_dcp(path, key, trust)
     for name in HF_WEIGHT_FILES:
         candidate = os.path.join(path, name)
-        if os.path.isfile(candidate):
+        if path_isfile(candidate):
             source = _open_file(candidate, key, trust)
             source.path = path
             source.metadata.update(_trainer_state(path))
             return source
     raise FormatError(
-        f"{path}: a folder without model weights (looked for meta.json, "
+        f"{path}: a folder without model weights (looked for meta.json, a DCP .metadata, "
         f"{', '.join(HF_WEIGHT_FILES)}); pass the weight file itself"
     )
+
+
+def _open_dcp(path: str, key: str | None, trust: bool) -> TensorSource:
+    """A torch.distributed.checkpoint folder (torchtitan, Lightning, `dcp.save`)."""
+    source = DcpSource(path, key=key, trust=trust)
+    if (step := folder_step(path)) is not None:
+        source.metadata["step"] = step
+    source.metadata.update(_trainer_state(path))
+    return source
 
 
 def _trainer_state(path: str) -> dict[str, Any]:
     """The step of a transformers Trainer checkpoint folder, from trainer_state.json."""
     state_file = os.path.join(path, "trainer_state.json")
-    if not os.path.isfile(state_file):
+    if not path_isfile(state_file):
         return {}
     try:
-        with open(state_file, "rb") as handle:
-            state = json.load(handle)
+        state = json.loads(read_path(state_file))
         return {"global_step": int(state["global_step"]), "epoch": state.get("epoch")}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 
 
 def _open_ladle_checkpoint(path: str, key: str | None) -> TensorSource:
+    from ladle.store.checkpoint import load_meta
+
     meta_path = os.path.join(path, "meta.json")
     try:
-        with open(meta_path, "rb") as handle:
-            meta = json.load(handle)
+        raw = read_path(meta_path)
+        load_meta(raw, path)  # the marker's own checksum and plain file names
+        meta = json.loads(raw)
         files = dict(meta.get("files") or {})
-    except (OSError, ValueError, AttributeError, TypeError):
-        raise CorruptCheckpoint(f"{meta_path}: unreadable meta.json; run `ladle verify`") from None
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise CorruptCheckpoint(
+            f"{meta_path}: unreadable meta.json ({first_line(exc, 160)}); run `ladle verify`"
+        ) from None
     name = key or "model"
+    if DCP_METADATA in files:
+        # A sharded checkpoint: the DCP folder holds every model under its registered name.
+        _check_size(os.path.join(path, DCP_METADATA), files[DCP_METADATA])
+        source: TensorSource = DcpSource(path, key=name)
+        recorded = {
+            os.path.basename(f): str(files[os.path.basename(f)]["sha256"])
+            for f in source.files
+            if isinstance(files.get(os.path.basename(f)), dict)
+        }
+        return _ladle_source(source, path, meta, recorded)
     filename = ladle_weights_file(files, key)
     weights = os.path.join(path, filename) if filename else ""
-    if filename is None or not os.path.isfile(weights):
+    if filename is None or not path_isfile(weights):
         available = sorted(f[: -len(".safetensors")] for f in files if f.endswith(".safetensors"))
         what = "EMA weights" if name == "ema" else f"weights {name!r}"
         raise FormatError(
@@ -152,11 +208,18 @@ def _open_ladle_checkpoint(path: str, key: str | None) -> TensorSource:
     except BaseException:
         source.close()
         raise
-    source.path = path
-    source.format = "ladle"
     if len(source.files) == 1:
         record = files[filename]
         source.sha256 = record.get("sha256") if isinstance(record, dict) else None
+    return _ladle_source(source, path, meta, recorded)
+
+
+def _ladle_source(
+    source: TensorSource, path: str, meta: Mapping[str, Any], recorded: dict[str, str]
+) -> TensorSource:
+    """`source` labelled as the ladle checkpoint at `path`, with its step, epoch and metrics."""
+    source.path = path
+    source.format = "ladle"
     source.metadata = {
         **source.metadata,
         "name": meta.get("name"),
@@ -176,12 +239,15 @@ def ladle_weights_file(files: Mapping[str, Any], key: str | None) -> str | None:
     `<key>.safetensors` (`model.safetensors` for None); for the model, a
     checkpoint recorded from a framework's folder may instead hold
     transformers' other names (sharded `model.safetensors.index.json`,
-    `pytorch_model.bin`, ...), taken in transformers' order.
+    `pytorch_model.bin`, ...), taken in transformers' order. A sharded checkpoint
+    holds every model in its DCP folder: its index, `.metadata`, is returned.
     """
     name = key or "model"
     wanted = f"{name}.safetensors"
     if wanted in files:
         return wanted
+    if DCP_METADATA in files:
+        return DCP_METADATA
     if name == "model":
         for candidate in HF_WEIGHT_FILES[1:]:
             if candidate in files:
@@ -192,7 +258,7 @@ def ladle_weights_file(files: Mapping[str, Any], key: str | None) -> str | None:
 def _check_size(file: str, record: Any) -> None:
     if not isinstance(record, dict) or record.get("size") is None:
         return
-    size = os.path.getsize(file)
+    size = path_size(file)
     if size != int(record["size"]):
         raise CorruptCheckpoint(
             f"{file}: {size} bytes but meta.json recorded {record['size']}; the file was "
@@ -214,3 +280,21 @@ class _Subset(RenamedSource):
 
 def _subset(source: TensorSource, key: str | None) -> TensorSource:
     return source if key is None else _Subset(source, key)
+
+
+class _Downloaded(RenamedSource):
+    """A source read from a temporary download of `url`; closing it deletes the download."""
+
+    def __init__(self, inner: TensorSource, url: str, local: str) -> None:
+        super().__init__(inner, {k: k for k in inner})
+        self.path = url
+        self.files = [url]
+        self._local: str | None = local
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self._local is not None:
+                os.remove(self._local)
+                self._local = None

@@ -1,11 +1,13 @@
 """Reading safetensors files (single and sharded) one tensor at a time.
 
-The header (8-byte length, JSON) is parsed here rather than through
-`safe_open`, so tensors are read with `preadv` straight into a caller's
+The header is read and validated by `ladle.formats.safetensors_header` rather than
+through `safe_open`, so tensors are read with `preadv` straight into a caller's
 buffer: `read_block()` reads a slice of a tensor into a small reusable buffer
 that stays in the CPU cache, which is how the averaging engine reads: no
 allocation, no page faults, nothing of the file mapped into the process, and
-each input byte crosses memory once.
+each input byte crosses memory once. Files on a store (`s3://...`) are read the
+same way through `ladle.store.paths.open_ranged`: ranged requests for the
+header, then for the tensors in storage order, never a download of the whole file.
 """
 
 from __future__ import annotations
@@ -18,118 +20,70 @@ from typing import Any
 import torch
 
 from ladle.errors import FormatError
+from ladle.formats.safetensors_header import DTYPES, MAX_HEADER, read_header, validate_header
 from ladle.formats.source import ALIASES_KEY, TensorInfo, TensorSource
+from ladle.store.paths import open_ranged, path_isfile, read_path
+from ladle.store.ranged import RangedFile
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "C64": torch.complex64,
-}
-for _name, _attr in (
-    ("U16", "uint16"),
-    ("U32", "uint32"),
-    ("U64", "uint64"),
-    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
-    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
-):
-    if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-
-_MAX_HEADER = 100 << 20  # the format's own limit
-_MAX_IO = 1 << 30  # preadv moves at most ~2 GiB per call on Linux
+_WINDOW = 4 << 20  # bytes read at once when many small tensors are read in storage order
 
 
-def read_header(path: str) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """(data start offset, tensor entries, `__metadata__`) of a safetensors file."""
+def tensors_from_buffer(buffer: bytearray, path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file held in memory, as views of `buffer` (no copy), and
+    its `__metadata__`; the header is validated like `read_header`'s."""
+    if len(buffer) < 8:
+        raise FormatError(f"{path}: too short to be a safetensors file ({len(buffer)} bytes)")
+    n = int.from_bytes(buffer[:8], "little")
+    if n <= 0 or n > MAX_HEADER or 8 + n > len(buffer):
+        raise FormatError(f"{path}: not a safetensors file (header length {n} for {len(buffer)} bytes)")
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as handle:
-            raw = handle.read(8)
-            if len(raw) < 8:
-                raise FormatError(f"{path}: too short to be a safetensors file ({size} bytes)")
-            n = int.from_bytes(raw, "little")
-            if n <= 0 or n > _MAX_HEADER or 8 + n > size:
-                raise FormatError(
-                    f"{path}: not a safetensors file (header length {n} for {size} bytes); "
-                    "is it truncated or another format?"
-                )
-            header = json.loads(handle.read(n))
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        header = json.loads(bytes(buffer[8 : 8 + n]))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise FormatError(f"{path}: safetensors header is not valid JSON; the file is damaged") from None
-    if not isinstance(header, dict):
-        raise FormatError(f"{path}: safetensors header is not a JSON object; the file is damaged")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise FormatError(f"{path}: safetensors __metadata__ is not an object; the file is damaged")
-    data_start = 8 + n
-    data_len = size - data_start
+    start = 8 + n
+    header, metadata = validate_header(header, path, len(buffer) - start)
+    tensors = {}
     for key, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = [int(d) for d in entry["shape"]]
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except KeyError as exc:
-            if exc.args and exc.args[0] == entry.get("dtype"):
-                raise FormatError(
-                    f"{path}: tensor {key!r} has dtype {entry['dtype']}, which torch cannot hold"
-                ) from None
-            raise FormatError(f"{path}: tensor {key!r} has a malformed header entry") from None
-        except (TypeError, ValueError):
-            raise FormatError(f"{path}: tensor {key!r} has a malformed header entry") from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_len:
-            raise FormatError(
-                f"{path}: tensor {key!r} lies outside the file (offsets {begin}-{end}, "
-                f"{data_len} data bytes); the file is truncated or damaged"
-            )
-        if end - begin != numel * dtype.itemsize:
-            raise FormatError(
-                f"{path}: tensor {key!r} has {end - begin} bytes for shape {shape} "
-                f"{entry['dtype']}; the file is damaged"
-            )
-    return data_start, header, {str(k): str(v) for k, v in metadata.items()}
+        dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
+        begin, end = entry["data_offsets"]
+        if end == begin:
+            tensors[key] = torch.empty(shape, dtype=dtype)
+        else:
+            flat = torch.frombuffer(buffer, dtype=torch.uint8, count=end - begin, offset=start + begin)
+            tensors[key] = flat.view(dtype).view(shape)
+    return tensors, metadata
 
 
-def _pread_exact(fd: int, view: memoryview, offset: int, path: str, key: str) -> None:
-    done = 0
-    total = len(view)
-    while done < total:
-        chunk = view[done : min(total, done + _MAX_IO)]
-        n = os.preadv(fd, [chunk], offset + done)
-        if n <= 0:
-            raise FormatError(f"{path}: tensor {key!r} ends early; the file is truncated")
-        done += n
+def _read_exact(reader: RangedFile, view: memoryview, offset: int, path: str, key: str) -> None:
+    try:
+        reader.read_into(view, offset)
+    except EOFError:
+        raise FormatError(f"{path}: tensor {key!r} ends early; the file is truncated") from None
 
 
 class SafetensorsFile:
-    """One open safetensors file: header parsed once, tensors read with preadv."""
+    """One open safetensors file: header parsed once, tensors read with preadv (ranged reads on a store)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.data_start, self.entries, self.metadata = read_header(path)
-        self.fd = os.open(path, os.O_RDONLY)
+        self._reader: RangedFile | None = open_ranged(path)
+        try:
+            self.data_start, self.entries, self.metadata = read_header(path, self._reader)
+        except BaseException:
+            self.close()
+            raise
+        self._reader.will_read(self.data_start)  # on a store: start fetching the tensors now
+        # The spans tile the data section (checked by read_header): it ends at the largest end.
+        ends = (entry["data_offsets"][1] for entry in self.entries.values())
+        self._data_end = self.data_start + max(ends, default=0)
+        self._window: tuple[int, bytearray] = (0, bytearray())
 
     def info(self, key: str) -> TensorInfo:
         entry = self.entries[key]
         return TensorInfo(torch.Size(entry["shape"]), DTYPES[entry["dtype"]])
 
     def _span(self, key: str) -> tuple[int, int]:
-        begin, end = (int(x) for x in self.entries[key]["data_offsets"])
+        begin, end = self.entries[key]["data_offsets"]  # integers: checked by read_header
         return self.data_start + begin, end - begin
 
     def read_block(self, key: str, start: int, count: int, scratch: torch.Tensor | None) -> torch.Tensor:
@@ -143,8 +97,26 @@ class SafetensorsFile:
             buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             view = memoryview(buf.numpy())
-            _pread_exact(self.fd, view, offset + start * dtype.itemsize, self.path, key)
+            _read_exact(self._require_open(), view, offset + start * dtype.itemsize, self.path, key)
         return buf.view(dtype)
+
+    def small_bytes(self, key: str, limit: int) -> bytes | None:
+        """The stored bytes of `key` when they are at most `limit` bytes.
+
+        Read through a window of the file (`_WINDOW` bytes at a time), so walking
+        100,000 small tensors in storage order costs a few reads, not one each.
+        """
+        offset, nbytes = self._span(key)
+        if nbytes > limit:
+            return None
+        start, window = self._window
+        if not (start <= offset and offset + nbytes <= start + len(window)):
+            size = max(nbytes, min(_WINDOW, self._data_end - offset))
+            window = bytearray(size)
+            if size:
+                _read_exact(self._require_open(), memoryview(window), offset, self.path, key)
+            start, self._window = offset, (offset, window)
+        return bytes(window[offset - start : offset - start + nbytes])
 
     def read(self, key: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor `key`; read into the flat uint8 `scratch` when it is large enough."""
@@ -157,13 +129,18 @@ class SafetensorsFile:
             buf = scratch[:nbytes]
         else:
             buf = torch.empty(nbytes, dtype=torch.uint8)
-        _pread_exact(self.fd, memoryview(buf.numpy()), self.data_start + begin, self.path, key)
+        _read_exact(self._require_open(), memoryview(buf.numpy()), self.data_start + begin, self.path, key)
         return buf.view(dtype).view(shape)
 
+    def _require_open(self) -> RangedFile:
+        if self._reader is None:
+            raise FormatError(f"{self.path}: read after close; open the checkpoint again")
+        return self._reader
+
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
 
 def aliases_from_metadata(metadata: Mapping[str, str], stored: Mapping[str, Any]) -> dict[str, str]:
@@ -177,7 +154,21 @@ def aliases_from_metadata(metadata: Mapping[str, str], stored: Mapping[str, Any]
         return {}
     if not isinstance(aliases, dict):
         return {}
-    return {str(k): str(v) for k, v in aliases.items() if v in stored and k not in stored}
+    # An alias may also be stored as a full copy (ladle's default outputs, so plain loaders see
+    # every name): it is still read from its target, once.
+    return {
+        str(k): str(v)
+        for k, v in aliases.items()
+        if v in stored and k != v and (k not in stored or _same_entry(stored[k], stored[v]))
+    }
+
+
+def _same_entry(a: Any, b: Any) -> bool:
+    """Whether two header entries describe tensors of one shape and dtype."""
+    try:
+        return a["dtype"] == b["dtype"] and list(a["shape"]) == list(b["shape"])
+    except (TypeError, KeyError):
+        return False
 
 
 class SafetensorsSource(TensorSource):
@@ -194,8 +185,9 @@ class SafetensorsSource(TensorSource):
         # Storage order: reading in it walks the file front to back; tied names
         # (stored once, listed in `ladle.aliases`) follow.
         entries = self._file.entries
-        self._keys = sorted(entries, key=lambda k: int(entries[k]["data_offsets"][0]))
         self._aliases = aliases_from_metadata(self.metadata, entries)
+        stored = [k for k in entries if k not in self._aliases]
+        self._keys = sorted(stored, key=lambda k: int(entries[k]["data_offsets"][0]))
         self._keys += list(self._aliases)
 
     def keys(self) -> list[str]:
@@ -216,6 +208,14 @@ class SafetensorsSource(TensorSource):
     def read_block(self, key: str, start: int, count: int, scratch: torch.Tensor | None) -> torch.Tensor:
         self._require(key)
         return self._file.read_block(self._aliases.get(key, key), start, count, scratch)
+
+    def span(self, key: str) -> tuple[str, int] | None:
+        self._require(key)
+        return self._file.path, self._file._span(self._aliases.get(key, key))[0]
+
+    def small_bytes(self, key: str, limit: int) -> bytes | None:
+        self._require(key)
+        return self._file.small_bytes(self._aliases.get(key, key), limit)
 
     def ties(self) -> dict[str, str]:
         return dict(self._aliases)
@@ -240,7 +240,7 @@ class ShardedSafetensorsSource(TensorSource):
         try:
             for shard_name in dict.fromkeys(weight_map.values()):
                 shard_path = os.path.join(folder, shard_name)
-                if not os.path.isfile(shard_path):
+                if not path_isfile(shard_path):
                     raise FormatError(
                         f"{index_path}: shard {shard_name} is missing; copy every shard the index lists"
                     )
@@ -262,7 +262,7 @@ class ShardedSafetensorsSource(TensorSource):
         self._aliases = aliases_from_metadata(self.metadata, self._where)
         for alias, target in self._aliases.items():
             self._where[alias] = self._where[target]
-        self._keys = list(weight_map) + list(self._aliases)
+        self._keys = [k for k in weight_map if k not in self._aliases] + list(self._aliases)
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -283,6 +283,15 @@ class ShardedSafetensorsSource(TensorSource):
         self._require(key)
         return self._where[key].read_block(self._aliases.get(key, key), start, count, scratch)
 
+    def span(self, key: str) -> tuple[str, int] | None:
+        self._require(key)
+        shard = self._where[key]
+        return shard.path, shard._span(self._aliases.get(key, key))[0]
+
+    def small_bytes(self, key: str, limit: int) -> bytes | None:
+        self._require(key)
+        return self._where[key].small_bytes(self._aliases.get(key, key), limit)
+
     def ties(self) -> dict[str, str]:
         return dict(self._aliases)
 
@@ -295,8 +304,7 @@ class ShardedSafetensorsSource(TensorSource):
 def read_index(index_path: str) -> tuple[dict[str, str], dict[str, Any]]:
     """`weight_map` and `metadata` of a transformers shard index (`*.index.json`)."""
     try:
-        with open(index_path, "rb") as handle:
-            data = json.load(handle)
+        data = json.loads(read_path(index_path))
         weight_map = {str(k): str(v) for k, v in dict(data["weight_map"]).items()}
     except OSError as exc:
         raise FormatError(f"{index_path}: cannot read ({exc.strerror or exc})") from None

@@ -88,8 +88,19 @@ class TensorSource(ABC):
         """
         return self.tensor(key).reshape(-1)[start : start + count]
 
+    def span(self, key: str) -> tuple[str, int] | None:
+        """(file, byte offset) where `key`'s bytes lie, contiguous, when `read_block` reads
+        them from there; None otherwise. Lets a caller hash exactly the bytes it read."""
+        return None
+
     def release_block(self, key: str, start: int, count: int) -> None:  # noqa: B027 - optional hook
         """Hint that elements [start, start + count) of `key` will not be read again."""
+
+    def small_bytes(self, key: str, limit: int) -> bytes | None:
+        """The stored bytes of `key` when the reader can hand them over cheaply and they are at
+        most `limit` bytes; None otherwise. Lets a tool compare many small tensors without
+        building a tensor for each (a model of 100,000 tensors)."""
+        return None
 
     def release(self, key: str) -> None:  # noqa: B027 - an optional hook, a no-op by default
         """Hint that `key` will not be read again, so its mapped pages can be dropped."""
@@ -123,11 +134,23 @@ class TensorSource(ABC):
         if key not in self:
             raise FormatError(f"{self.path}: no tensor {key!r}; it holds {len(self)} tensors")
 
+    def _key_set(self) -> frozenset[str]:
+        # A source's names never change once open: build the set once, so a membership
+        # test per tensor keeps inspect/diff/average linear in the tensor count.
+        try:
+            return self._source_key_set
+        except AttributeError:
+            self._source_key_set: frozenset[str] = frozenset(self.keys())
+            return self._source_key_set
+
     def __contains__(self, key: object) -> bool:
-        return key in set(self.keys())
+        try:
+            return key in self._source_key_set
+        except AttributeError:
+            return key in self._key_set()
 
     def __len__(self) -> int:
-        return len(self.keys())
+        return len(self._key_set())
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
@@ -273,9 +296,15 @@ class RenamedSource(TensorSource):
         self._require(key)
         return self.inner.read_block(self._map[key], start, count, scratch)
 
+    def span(self, key: str) -> tuple[str, int] | None:
+        return self.inner.span(self._map[key]) if key in self._map else None
+
     def release_block(self, key: str, start: int, count: int) -> None:
         if key in self._map:
             self.inner.release_block(self._map[key], start, count)
+
+    def small_bytes(self, key: str, limit: int) -> bytes | None:
+        return self.inner.small_bytes(self._map[key], limit) if key in self._map else None
 
     def release(self, key: str) -> None:
         if key in self._map:

@@ -1,11 +1,9 @@
-"""Reading torch pickles (`.pt .pth .bin .ckpt .pth.tar`) safely and lazily.
+"""Torch pickles (`.pt .pth .bin .ckpt .pth.tar`, and sharded `.bin` sets) read lazily.
 
-Files load with `torch.load(weights_only=True, mmap=True)`: no code from the
-file runs, and tensors stay in the file's mapping until read. A file that needs
-full unpickling raises `UnsafeLoad` unless the caller passes `trust=True`. The
-state dict may sit at the top level or under a common key (`state_dict` for
-Lightning, `model`, `model_state_dict`, `module`, ...); `key=` picks any
-other, nested with `.` or `/` (`"ema.model"`, `"ema/model"`).
+`TorchSource` loads each file without running code (`ladle.formats.torch_load`), finds
+its state dict (`ladle.formats.state_dicts`), and leaves the tensors in the file's
+mapping until read; pages already averaged are handed back to the kernel
+(`madvise(MADV_DONTNEED)`), so a pass over a large file does not stay resident.
 """
 
 from __future__ import annotations
@@ -14,225 +12,22 @@ import ctypes
 import logging
 import mmap
 import os
-import pickle
 import sys
-import zipfile
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from ladle.errors import FormatError, UnsafeLoad
+from ladle.errors import FormatError
 from ladle.formats.source import TensorInfo, TensorSource, find_ties
+from ladle.formats.state_dicts import find_state_dict, flatten, scalar_metadata
+from ladle.formats.torch_load import load_torch_file
 
 log = logging.getLogger("ladle")
 
-# Where state dicts usually live inside a checkpoint dict, in order of preference.
-STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
-# Keys that hold EMA weights: chosen by default only when nothing else is there.
-EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar", ".tar")
 _STEP_NAMES = ("global_step", "step", "num_updates", "iteration", "epoch")
 
 _MADV_DONTNEED = 4
-
-
-def _load(path: str, trust: bool) -> tuple[Any, bool]:
-    """The unpickled object and whether its storages map the file."""
-    use_mmap = zipfile.is_zipfile(path)
-    if not use_mmap and not _legacy_pickle(path):
-        raise FormatError(f"{path}: not a readable torch checkpoint (neither a zip archive nor a pickle)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap), use_mmap
-    except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
-            raise FormatError(f"{path}: not a torch checkpoint ({_first_line(exc)})") from None
-        if not trust:
-            raise UnsafeLoad(
-                f"{path}: holds objects other than tensors ({_unsafe_globals(path)}); loading it "
-                "runs code from the file: pass trust=True (--trust) only if you trust its source"
-            ) from None
-        log.warning("%s: fully unpickling (trusted)", path)
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=use_mmap), use_mmap
-    except (RuntimeError, KeyError, EOFError, ValueError, zipfile.BadZipFile) as exc:
-        raise FormatError(f"{path}: not a readable torch checkpoint ({_first_line(exc)})") from None
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
-
-
-def _legacy_pickle(path: str) -> bool:
-    """Old `torch.save` files are a bare pickle: they start with the PROTO opcode."""
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(1) == b"\x80"
-    except OSError:
-        return False
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:160]
-
-
-def _unsafe_globals(path: str) -> str:
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # listing is a courtesy for the message; never fail on it
-        return "unknown classes"
-    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-    return shown or "unknown classes"
-
-
-def _is_tensor_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and any(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def _has_tensors(obj: Any) -> bool:
-    if isinstance(obj, torch.Tensor):
-        return True
-    if isinstance(obj, torch.nn.Module):
-        return True
-    if isinstance(obj, Mapping):
-        return any(_has_tensors(v) for v in obj.values())
-    return False
-
-
-def resolve_key(obj: Any, key: str, path: str) -> Any:
-    """Follow `key` into nested dicts; `.` and `/` separate levels, whole keys win."""
-    if isinstance(obj, Mapping) and key in obj:
-        return obj[key]
-    if isinstance(obj, Mapping):
-        for i, ch in enumerate(key):
-            if ch in "./" and key[:i] in obj:
-                try:
-                    return resolve_key(obj[key[:i]], key[i + 1 :], path)
-                except FormatError:
-                    continue
-    choices = ", ".join(repr(k) for k in candidate_keys(obj)) or "none"
-    raise FormatError(f"{path}: no key {key!r} holding tensors; keys with tensors: {choices}")
-
-
-def candidate_keys(obj: Any, prefix: str = "", depth: int = 0) -> list[str]:
-    """Keys (nested with `.`) whose values are dicts of tensors: what `key=` may name."""
-    if not isinstance(obj, Mapping) or depth > 3:
-        return []
-    out = []
-    for k, v in obj.items():
-        if isinstance(v, torch.nn.Module) or _is_tensor_dict(v):
-            out.append(f"{prefix}{k}")
-        elif isinstance(v, Mapping):
-            out.extend(candidate_keys(v, f"{prefix}{k}.", depth + 1))
-    return out
-
-
-def _top_level(obj: Mapping[Any, Any]) -> tuple[list[str], list[str]]:
-    """Keys of `obj` holding a tensor, and keys holding a dict of tensors (or a module).
-
-    `*_extra_state` entries belong to a module's own state dict, so they never
-    make a dict look like a training checkpoint.
-    """
-    tensors: list[str] = []
-    nested: list[str] = []
-    for k, v in obj.items():
-        if isinstance(v, torch.Tensor):
-            tensors.append(str(k))
-        elif (
-            isinstance(v, Mapping | torch.nn.Module)
-            and not str(k).endswith("_extra_state")
-            and _has_tensors(v)
-        ):
-            nested.append(str(k))
-    return tensors, nested
-
-
-def find_state_dict(obj: Any, key: str | None, path: str) -> tuple[Any, str | None]:
-    """The state dict inside a loaded checkpoint and the key it was found under.
-
-    A dict of tensors is the state dict itself. A dict that nests dicts of
-    tensors is a training checkpoint: its well-known key (`state_dict`,
-    `model_state_dict`, `model`, `module`, ...; EMA keys only when nothing else
-    is there) is unwrapped, even when a stray tensor (an RNG state, a step
-    counter) sits beside it. A dict that mixes tensors and dicts of tensors
-    without such a key is refused with the keys to choose from, since taking
-    all of it would count optimizer moments as weights.
-    """
-    if key is not None:
-        if key in ("", ".", "/"):
-            return obj, None
-        return resolve_key(obj, key, path), key
-    if isinstance(obj, torch.nn.Module):
-        return obj, None
-    if isinstance(obj, Mapping):
-        tensors, nested = _top_level(obj)
-        if tensors and not nested:
-            return obj, None
-        for name in STATE_KEYS:
-            if name in nested:
-                _note_ignored(path, name, tensors)
-                return obj[name], name
-        for name in EMA_KEYS:
-            if name in nested:
-                log.warning("%s: only EMA weights found; reading %r", path, name)
-                _note_ignored(path, name, tensors)
-                return obj[name], name
-        choices = candidate_keys(obj)
-        shown = ", ".join(repr(c) for c in choices[:8]) + (", ..." if len(choices) > 8 else "")
-        if tensors and nested:
-            top = ", ".join(repr(t) for t in tensors[:4]) + (", ..." if len(tensors) > 4 else "")
-            raise FormatError(
-                f"{path}: mixes top-level tensors ({top}) with dicts of tensors ({shown}), so it is not one "
-                "state dict; choose where the weights are with key= (--key), or key='.' for the whole file"
-            )
-        if choices:
-            raise FormatError(f"{path}: several dicts hold tensors ({shown}); choose one with key= (--key)")
-    raise FormatError(
-        f"{path}: holds no state dict (a {type(obj).__name__}); save model.state_dict() or "
-        "name where it is with key= (--key)"
-    )
-
-
-def _note_ignored(path: str, chosen: str, tensors: list[str]) -> None:
-    if tensors:
-        log.info(
-            "%s: reading the state dict under %r; ignoring %d top-level tensors (%s)",
-            path,
-            chosen,
-            len(tensors),
-            ", ".join(tensors[:4]),
-        )
-
-
-def flatten(obj: Any, path: str, prefix: str = "") -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Tensors of a (possibly nested) state dict with dotted keys, and skipped non-tensor keys."""
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    skipped: list[str] = []
-    if not isinstance(obj, Mapping):
-        raise FormatError(
-            f"{path}: {prefix.rstrip('.') or 'the file'} is a {type(obj).__name__}, not a dict of tensors"
-        )
-    for k, v in obj.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, torch.Tensor):
-            tensors[name] = v
-        elif isinstance(v, Mapping | torch.nn.Module):
-            sub, sub_skipped = flatten(v, path, f"{name}.")
-            tensors.update(sub)
-            skipped.extend(sub_skipped)
-        else:
-            skipped.append(name)
-    return tensors, skipped
-
-
-def _scalar_metadata(obj: Any) -> dict[str, Any]:
-    if not isinstance(obj, Mapping):
-        return {}
-    return {
-        str(k): v
-        for k, v in obj.items()
-        if isinstance(v, bool | int | float | str) and not isinstance(k, torch.Tensor)
-    }
 
 
 class TorchSource(TensorSource):
@@ -261,7 +56,7 @@ class TorchSource(TensorSource):
         self.skipped: list[str] = []
         self.found_under: str | None = None
         for file in files:
-            obj, mapped = _load(file, trust)
+            obj, mapped = load_torch_file(file, trust=trust)
             self._mapped = self._mapped and mapped
             if mapped:
                 self._ranges.extend(_file_mappings(file))
@@ -275,7 +70,7 @@ class TorchSource(TensorSource):
             self._tensors.update(tensors)
             self.skipped.extend(skipped)
             if file == files[0]:
-                self.metadata = _scalar_metadata(obj)
+                self.metadata = scalar_metadata(obj)
         if shards:
             self.format = "torch-sharded"
         if self.skipped:
@@ -347,6 +142,14 @@ class TorchSource(TensorSource):
                 raise FormatError(f"{self.path}: tensor {key!r} ends early; the file is truncated")
             done += n
         return buf.view(t.dtype)
+
+    def span(self, key: str) -> tuple[str, int] | None:
+        self._require(key)
+        where = self._locate(key)
+        if where is None:
+            return None
+        fd, offset = where
+        return next(path for path, open_fd in self._fds.items() if open_fd == fd), offset
 
     def release_block(self, key: str, start: int, count: int) -> None:
         t = self._tensors.get(key)

@@ -1,9 +1,22 @@
 """Writing tensors: safetensors (default) or torch format, atomically.
 
-Every output is written to a temporary file beside its destination, fsynced,
-and moved into place with `os.replace`, so readers see the old file or the
-whole new one; a failed write leaves nothing behind. An existing destination is
-only replaced with `force=True`.
+Every output is written to a temporary file beside its destination
+(`.NAME.tmp-PID-RANDOM`), fsynced, and moved into place with `os.replace`, so
+readers see the old file or the whole new one; a failed write leaves nothing
+behind, and the temporary files of a killed writer (its pid no longer running)
+are removed by the next write of the same destination. An existing destination
+is only replaced with `force=True`.
+
+An output may also be a URL (`s3://bucket/avg.safetensors`, `memory://...`; `file://`
+is a local path): it is written to a local temporary file (in `TMPDIR`, deleted
+afterwards, also on failure), then published in one upload, which object stores
+make visible whole or not at all. `force` holds the same way: an existing object is
+refused before any work, and without `force` the upload is a "create if absent"
+(S3's conditional PUT; a check just before it on backends without one), so an object
+another writer made meanwhile is not replaced. A folder (a prefix holding objects)
+is refused; the bucket must exist, prefixes need not. A provenance sidecar goes up
+before its output (see `ladle.averaging.front_doors`). Credentials and endpoints
+come from fsspec's configuration and the backend's environment (`AWS_*` for S3).
 
 `SafetensorsWriter` streams: the header is written from shapes and dtypes
 known up front, then each tensor's bytes as it is produced, so an average of
@@ -11,14 +24,20 @@ any size is written while holding one tensor. A tensor stored under several
 names (tied weights) is written once and its other names are recorded in the
 `ladle.aliases` metadata entry, as the run store does for model.safetensors;
 ladle's readers restore them (`safetensors.torch.load_model` also copes, as
-the model ties them itself).
+the model ties them itself). The header may reserve room (trailing spaces, as
+the format allows) for metadata known only at the end, such as the checksums of
+what an average read: `finish(metadata=...)` rewrites it in place.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from enum import Enum
@@ -26,8 +45,13 @@ from enum import Enum
 import torch
 
 from ladle.errors import ConfigError, FormatError, OutputExists
-from ladle.formats.safetensors_io import DTYPE_NAMES
+from ladle.formats.safetensors_header import DTYPE_NAMES
 from ladle.formats.source import ALIASES_KEY, TensorInfo, find_ties
+from ladle.formats.tied_outputs import tied_copies
+from ladle.store.fsspec_storage import FsspecStorage
+from ladle.store.storage import is_url, local_path_of, storage_for
+
+log = logging.getLogger("ladle")
 
 
 class OutputFormat(str, Enum):
@@ -44,7 +68,17 @@ def output_format(path: str | os.PathLike[str], format: OutputFormat | str | Non
     """The format to write `path` in: the one asked for, else what its suffix says."""
     text = os.fspath(path).lower()
     if format is None:
-        return OutputFormat.TORCH if text.endswith(_TORCH_SUFFIXES) else OutputFormat.SAFETENSORS
+        if text.endswith(_TORCH_SUFFIXES):
+            return OutputFormat.TORCH
+        suffix = os.path.splitext(os.path.basename(text))[1]
+        if suffix and suffix != ".safetensors":
+            # out.onnx written as safetensors would mislead every tool that trusts the name.
+            hint = " (for ONNX, run `ladle export CKPT -o model.onnx`)" if suffix == ".onnx" else ""
+            raise ConfigError(
+                f"{path}: the suffix {suffix} names no format ladle writes here; use .safetensors or "
+                f".pt, or pass format explicitly (--format safetensors|torch){hint}"
+            )
+        return OutputFormat.SAFETENSORS
     try:
         chosen = OutputFormat(format)
     except ValueError:
@@ -56,9 +90,42 @@ def output_format(path: str | os.PathLike[str], format: OutputFormat | str | Non
     return chosen
 
 
+def output_location(path: str | os.PathLike[str]) -> str:
+    """An output's one spelling: the absolute local path (`file://` removed), or the URL as given."""
+    text = os.fspath(path)
+    return text if is_url(text) else os.path.abspath(local_path_of(text))
+
+
+def output_exists(path: str | os.PathLike[str]) -> bool:
+    """Whether something (a file, a link, a folder, an object) is at an output path or URL."""
+    text = output_location(path)
+    if is_url(text):
+        storage, where = _store_of(text)
+        return storage.kind(where) is not None
+    return os.path.lexists(text)
+
+
+def _store_of(url: str) -> tuple[FsspecStorage, str]:
+    storage, where = storage_for(url)
+    assert isinstance(storage, FsspecStorage)  # a URL is always served by fsspec
+    return storage, where
+
+
 def check_destination(path: str | os.PathLike[str], *, force: bool) -> str:
-    """Absolute `path` if it may be written: refuses directories, and files unless `force`."""
-    text = os.path.abspath(os.fspath(path))
+    """The output's location (see `output_location`) if it may be written: refuses folders,
+    and existing files or objects unless `force`."""
+    text = output_location(path)
+    if is_url(text):
+        storage, where = _store_of(text)
+        kind = storage.kind(where)  # on an object store, also checks that the bucket exists
+        if kind == "dir":
+            raise OutputExists(
+                f"{text}: is a folder (objects exist under it); give a file URL such as "
+                f"{text.rstrip('/')}/model.safetensors"
+            )
+        if kind is not None and not force:
+            raise OutputExists(f"{text}: already exists; pass force=True (--force) to replace it")
+        return text
     if os.path.isdir(text):
         raise OutputExists(f"{text}: is a directory; give a file path such as {text}/model.safetensors")
     if os.path.lexists(text) and not force:
@@ -71,9 +138,14 @@ def check_destination(path: str | os.PathLike[str], *, force: bool) -> str:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[str]:
-    """A temporary path to write; on success it is fsynced and replaces `path`."""
+    """A temporary path to write; on success it is fsynced and replaces `path` (uploaded to a URL)."""
     final = check_destination(path, force=force)
+    if is_url(final):
+        with _staged_upload(final, force=force) as tmp:
+            yield tmp
+        return
     folder, name = os.path.split(final)
+    remove_stale_temporaries(final)
     tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         yield tmp
@@ -94,6 +166,66 @@ def atomic_path(path: str | os.PathLike[str], *, force: bool = False) -> Iterato
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+@contextmanager
+def _staged_upload(url: str, *, force: bool) -> Iterator[str]:
+    """A local temporary path (named like the output, so tools that go by the suffix agree) that
+    is uploaded to `url` in one request on success; deleted afterwards in every case."""
+    storage, where = _store_of(url)
+    staging = tempfile.mkdtemp(prefix="ladle-output-")
+    try:
+        tmp = os.path.join(staging, url.rstrip("/").rsplit("/", 1)[-1] or "output")
+        yield tmp
+        storage.makedirs(where.rsplit("/", 1)[0])
+        try:
+            storage.upload(tmp, where, exclusive=not force)
+        except FileExistsError:
+            raise OutputExists(f"{url}: appeared while writing; pass force=True to replace it") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[str]:
+    """Remove the temporary files that writers of `path` left when they were killed.
+
+    Only `.NAME.tmp-PID-RANDOM` files of this destination whose process no
+    longer runs (on this machine) are removed; a live writer's file is left
+    alone. Returns the paths removed.
+    """
+    final = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(final)
+    pattern = re.compile(rf"^\.{re.escape(name)}\.tmp-(\d+)-[0-9a-f]+$")
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        stale = os.path.join(folder, entry)
+        try:
+            os.remove(stale)
+        except FileNotFoundError:
+            continue  # another writer cleaned it first
+        except OSError as exc:
+            log.debug("could not remove %s: %s", stale, exc)
+            continue
+        log.info("removed %s, left by a writer that was killed", stale)
+        removed.append(stale)
+    return removed
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -118,8 +250,12 @@ class SafetensorsWriter:
     """Streams one safetensors file: header first, then each tensor in `order`.
 
     Layout: tensors sorted by decreasing element size (so every tensor is
-    aligned to its own element size, as safetensors itself does); tied names
-    are not stored but listed under `ladle.aliases`.
+    aligned to its own element size, as safetensors itself does). Tied names
+    are listed under `ladle.aliases` (ladle's readers re-tie them) and, with
+    `tied="copy"` (the default), also stored as full copies right after their
+    target, so `safetensors.torch.load_file` + `load_state_dict(strict=True)`
+    finds every name; `tied="alias"` stores each tied tensor once (smaller;
+    load it with `ladle.load_weights`). See `ladle.formats.tied_outputs`.
     """
 
     def __init__(
@@ -129,8 +265,12 @@ class SafetensorsWriter:
         *,
         metadata: Mapping[str, str] | None = None,
         ties: Mapping[str, str] | None = None,
+        reserve: int = 0,
+        tied: str = "copy",
     ) -> None:
+        """`reserve`: bytes of header room kept for `finish(metadata=...)` to grow into."""
         self.path = path
+        self._copies = tied_copies(ties, layout, tied)
         self.ties = {
             k: v for k, v in (ties or {}).items() if k in layout and v in layout and v not in (ties or {})
         }
@@ -161,8 +301,14 @@ class SafetensorsWriter:
             }
             offset += info.nbytes
             self._expected[key] = info
+            for alias in self._copies.get(key, ()):
+                header[alias] = {**header[key], "data_offsets": [offset, offset + info.nbytes]}
+                offset += info.nbytes
+        self._header = header
+        self._metadata = meta
         raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
+        raw += b" " * (reserve + (-(len(raw) + reserve) % 8))
+        self._header_len = len(raw)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._next = 0
         _write_all(self._fd, memoryview(len(raw).to_bytes(8, "little") + raw))
@@ -178,14 +324,32 @@ class SafetensorsWriter:
                 f"SafetensorsWriter: {key!r} is {tuple(tensor.shape)} {tensor.dtype}, "
                 f"the header says {tuple(info.shape)} {info.dtype}"
             )
-        _write_all(self._fd, tensor_bytes(tensor))
+        data = tensor_bytes(tensor)
+        for _ in range(1 + len(self._copies.get(key, ()))):
+            _write_all(self._fd, data)
         self._next += 1
 
-    def finish(self) -> None:
-        """Check that every tensor was written, then close."""
+    def finish(self, metadata: Mapping[str, str] | None = None) -> None:
+        """Check that every tensor was written, rewrite the metadata if given, then close.
+
+        New metadata replaces the entries of the same names; the header must
+        still fit in the room written at the start (see `reserve`).
+        """
         if self._next != len(self.order):
             self.close()
             raise RuntimeError(f"SafetensorsWriter: {len(self.order) - self._next} tensors never written")
+        if metadata:
+            meta = {**self._metadata, **{str(k): str(v) for k, v in metadata.items()}}
+            header = {**self._header, "__metadata__": meta}
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            if len(raw) > self._header_len:
+                self.close()
+                raise RuntimeError(
+                    f"SafetensorsWriter: the new metadata needs {len(raw) - self._header_len} bytes more "
+                    "header room than was reserved"
+                )
+            raw += b" " * (self._header_len - len(raw))
+            os.pwrite(self._fd, raw, 8)
         self.close()
 
     def close(self) -> None:
@@ -203,7 +367,7 @@ def save_tensors(
     metadata: Mapping[str, str] | None = None,
     force: bool = False,
 ) -> str:
-    """Write a state dict to `path` atomically; returns the absolute path written.
+    """Write a state dict to `path` (or a URL) atomically; returns the absolute path (or URL) written.
 
     safetensors by default (or by a `.safetensors` name), torch format for
     `.pt/.pth/.bin` names or `format="torch"`. Tied tensors are kept: shared
@@ -220,7 +384,7 @@ def save_tensors(
             torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp)
         else:
             write_safetensors(tmp, tensors, metadata=metadata)
-    return os.path.abspath(os.fspath(path))
+    return output_location(path)
 
 
 def write_safetensors(
@@ -248,7 +412,7 @@ def sidecar_path(output: str | os.PathLike[str]) -> str:
 
 
 def write_json(path: str | os.PathLike[str], data: object, *, force: bool = False) -> None:
-    """Write a JSON file atomically."""
+    """Write a JSON file (or object at a URL) atomically."""
     with atomic_path(path, force=force) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=1, sort_keys=False, default=str)
         handle.write("\n")

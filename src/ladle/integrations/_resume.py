@@ -11,7 +11,9 @@ import logging
 import os
 
 from ladle.errors import CheckpointNotFound, CorruptCheckpoint
-from ladle.store.run import CheckpointInfo, Run, best_of
+from ladle.store.checkpoint import CheckpointInfo, best_of
+from ladle.store.paths import path_isdir
+from ladle.store.run import Run
 
 log = logging.getLogger("ladle")
 
@@ -27,7 +29,7 @@ def find_resumable(
     checkpoint asked for by name is an error.
     """
     text = os.fspath(run_dir)
-    if not os.path.isdir(text):
+    if not path_isdir(text):  # a local path or a URL (s3://...)
         if which == "latest":
             return None
         raise CheckpointNotFound(f"{text}: no such run directory; check the path")

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from ladle.averaging.recipes import parse_recipe
-from ladle.averaging.soups import SoupResult, select, soup
+from ladle.averaging.recipe_parsing import parse_recipe
+from ladle.averaging.selection import select
+from ladle.averaging.soups import SoupResult, soup
 from ladle.errors import ConfigError
 from ladle.store.run import Run
 

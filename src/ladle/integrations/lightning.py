@@ -20,32 +20,46 @@ Each save is one atomic ladle commit holding three kinds of file:
 
 It subclasses Lightning's `Checkpoint`, so it replaces the default
 `ModelCheckpoint` (or runs next to one you add), and it works with both import
-names, `lightning.pytorch` and `pytorch_lightning`.
+names, `lightning.pytorch` and `pytorch_lightning`. What it asks of the trainer
+(loop state, strategy, Lightning's own file) is `ladle.integrations._lightning_trainer`.
 """
 
 from __future__ import annotations
 
-import importlib
+import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
-import torch
-
-from ladle.averaging.ema import EMA, EMAConfig
+from ladle.averaging.ema import EMA
+from ladle.averaging.ema_config import EMAConfig
 from ladle.averaging.soups import SoupResult
-from ladle.errors import CheckpointNotFound, ConfigError, MissingDependency
-from ladle.integrations._extras import import_first
+from ladle.errors import CheckpointNotFound, ConfigError, LadleError, MissingDependency
+from ladle.integrations._lightning_trainer import (
+    check_strategy,
+    checkpoint_bases,
+    epoch_ends,
+    is_fitting,
+    save_lightning,
+    scalars,
+    validation_follows,
+    warn_if_order_is_lost,
+)
 from ladle.integrations._resume import find_resumable
-from ladle.integrations._saving import RunWriter, safetensors_writer
 from ladle.integrations._soup import SoupPlan, soup_into_run, soup_to_file, soup_weights
-from ladle.metrics import Mode
+from ladle.metrics import Mode, encode_metrics
 from ladle.policies.retention import Keep, Policy
-from ladle.policies.rules import SaveRules
+from ladle.policies.rules import SaveRules, rules_from
 from ladle.policies.triggers import EveryEpochs, Trigger
-from ladle.store.run import CheckpointInfo, Run, best_of
+from ladle.saving.async_save import HostStager
+from ladle.saving.engine import FileWriter, SaveEngine, SaveRequest, safetensors_writer
+from ladle.state.model_weights import tensors_for_safetensors
+from ladle.state.rng import capture_rng, restore_rng
+from ladle.store.checkpoint import CheckpointInfo, best_of
+from ladle.store.paths import path_isdir
+from ladle.store.run import Run
 
 log = logging.getLogger("ladle")
 
@@ -54,30 +68,7 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 
 
-def _checkpoint_bases() -> tuple[type, ...]:
-    """Lightning's `Checkpoint` class of every installed import name.
-
-    `lightning.pytorch` and `pytorch_lightning` are two copies of one library whose
-    Trainers only recognize their own classes; subclassing both lets one callback
-    serve whichever Trainer the user has.
-    """
-    first = import_first(
-        ("lightning.pytorch", "pytorch_lightning"),
-        extra="lightning",
-        purpose="ladle.integrations.lightning",
-    )
-    bases = [first.callbacks.Checkpoint]
-    other = "pytorch_lightning" if first.__name__.startswith("lightning") else "lightning.pytorch"
-    try:
-        bases.append(importlib.import_module(other).callbacks.Checkpoint)
-    except ImportError:
-        pass
-    except Exception as exc:  # a broken second copy must not break the working one
-        log.debug("not supporting %s Trainers: %s", other, exc)
-    return tuple(bases)
-
-
-_BASES = _checkpoint_bases()
+_BASES = checkpoint_bases()
 
 
 def _ema_config(ema: EMAConfig | float | None) -> EMAConfig | None:
@@ -86,54 +77,6 @@ def _ema_config(ema: EMAConfig | float | None) -> EMAConfig | None:
     if isinstance(ema, bool) or not isinstance(ema, int | float):
         raise ConfigError(f"ema={ema!r}: pass a decay such as 0.999, a ladle.EMAConfig, or None")
     return EMAConfig(decay=float(ema))
-
-
-def _is_fitting(trainer: Any) -> bool:
-    fn = getattr(trainer.state, "fn", None)
-    return getattr(fn, "value", fn) == "fit" and not trainer.sanity_checking
-
-
-def _validation_follows(trainer: Any) -> bool:
-    """Whether Lightning runs validation right after the batch that just ended.
-
-    Asked of Lightning's own (private) decision, so that a save due at this step
-    waits for the validation and records its metrics instead of being written
-    twice. Time-based validation cannot be predicted: then, and whenever the
-    question cannot be asked, the answer is no (save now; a later validation at
-    the same step re-saves with the new metrics).
-    """
-    loop = getattr(trainer.fit_loop, "epoch_loop", None)
-    check = getattr(loop, "_should_check_val_fx", None)
-    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
-    if check is None or fetcher is None or getattr(trainer, "_val_check_time_interval", None) is not None:
-        return False
-    if getattr(loop, "_skip_next_val", False):
-        return False
-    try:
-        return bool(check(fetcher))
-    except Exception:  # an internal API that changed: fall back to saving at once
-        return False
-
-
-def _epoch_ends(trainer: Any) -> bool:
-    """Whether the training epoch ends after the current batch (so `on_train_epoch_end` follows)."""
-    loop = getattr(trainer.fit_loop, "epoch_loop", None)
-    try:
-        return bool(loop is not None and loop.done)
-    except Exception:  # an internal API that changed: fall back to saving at once
-        return False
-
-
-def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                continue
-            value = value.item()
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            out[key] = float(value)
-    return out
 
 
 class LadleCheckpoint(*_BASES):  # type: ignore[misc]
@@ -150,30 +93,34 @@ class LadleCheckpoint(*_BASES):  # type: ignore[misc]
         self,
         run_dir: str | os.PathLike[str],
         *,
+        rules: SaveRules | None = None,
         monitor: str | None = None,
-        mode: Mode | str = Mode.MIN,
+        mode: Mode | str | None = None,
         every_steps: int | None = None,
         every_epochs: int | None = None,
         every_seconds: float | None = None,
         on_improvement: bool = False,
         thresholds: Sequence[float] | None = None,
         triggers: Sequence[Trigger] = (),
-        keep: Keep | Sequence[Policy] | None = None,
+        keep: Keep | Sequence[Policy] | int | None = None,
         ema: EMAConfig | float | None = None,
         save_at_end: bool = False,
         soup: str | None = None,
         soup_output: str | os.PathLike[str] | None = None,
         load_soup: bool = False,
         soup_options: Mapping[str, Any] | None = None,
+        async_save: bool = False,
     ) -> None:
         """
         Args:
             run_dir: the ladle run to save into (created if missing).
+            rules: when to save and what to keep, as one `ladle.SaveRules(...)`; or the
+                short keywords below (not both).
             monitor, mode: the metric that defines "best" (for `keep`, `on_improvement`,
                 `best_model_path`, `top:K` recipes) and its direction.
             every_steps, every_epochs, every_seconds, on_improvement, thresholds, triggers:
                 when to save (any firing saves); default: every epoch end.
-            keep: retention, e.g. `Keep(last=3, best=3)`; None keeps every checkpoint.
+            keep: retention, e.g. `Keep(last=3, best=3)` or an int n (the newest n); None keeps all.
             ema: keep an exponential moving average of the weights (a decay, or an
                 `EMAConfig`), saved as `ema.safetensors` and restored on resume.
             save_at_end: also save when training ends (e.g. at `max_steps` mid-epoch).
@@ -181,10 +128,15 @@ class LadleCheckpoint(*_BASES):  # type: ignore[misc]
             soup_output: where the soup's weights go (default: inside the run).
             load_soup: load the soup's weights into the LightningModule after fit.
             soup_options: more arguments of `ladle.soup` (`weights=`, `window=`, `key="ema"` ...).
+            async_save: build Lightning's checkpoint and the weights at the save, copy them into
+                host memory, and write and commit them in the background (one save in flight;
+                an error surfaces at the next save or when fit ends).
         """
         super().__init__()
+        self.async_save = bool(async_save)
+        self._stager = HostStager()  # its buffers are reused from one background save to the next
         self.run_dir = os.fspath(run_dir)
-        self.rules = SaveRules(
+        given = dict(
             monitor=monitor,
             mode=mode,
             every_steps=every_steps,
@@ -195,7 +147,9 @@ class LadleCheckpoint(*_BASES):  # type: ignore[misc]
             triggers=triggers,
             keep=keep,
         )
-        self.writer = RunWriter(self.run_dir, self.rules, default_trigger=EveryEpochs(n=1))
+        self.rules = rules_from(rules, given, where="LadleCheckpoint")
+        self.writer = SaveEngine(self.run_dir, self.rules, default_trigger=EveryEpochs(n=1), takeover=True)
+        """The save engine: triggers, commits, retention (`ladle.saving.engine.SaveEngine`)."""
         self.ema_config = _ema_config(ema)
         self.save_at_end = bool(save_at_end)
         self.soup_plan = SoupPlan(recipe=soup, output=soup_output, load=load_soup, options=soup_options)
@@ -204,11 +158,13 @@ class LadleCheckpoint(*_BASES):  # type: ignore[misc]
         self.soup_result: SoupResult | None = None
         """What the end-of-fit soup wrote, once it has."""
         self._ema_state: dict[str, Any] | None = None
+        self._rng_state: dict[str, Any] | None = None
         self._eval_keys: set[str] = set()
         self._eval_step: int | None = None
         self._before_eval: dict[str, float] = {}
         self._last_step: int | None = None
         self._pending: int | None = None
+        self._reason = ""
         self._epoch = 0
 
     # -- identity and the paths Lightning asks checkpoint callbacks for ----------------
@@ -220,7 +176,7 @@ class LadleCheckpoint(*_BASES):  # type: ignore[misc]
     def _run(self) -> Run | None:
         if self.writer.run is not None:
             return self.writer.run
-        if not os.path.isdir(self.run_dir):
+        if not path_isdir(self.run_dir):  # a local path or a URL (s3://...)
             return None
         return Run(self.run_dir)
 
@@ -269,7 +225,7 @@ class LadleCheckpoint(*_BASES):  # type: ignore[misc]
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit" or trainer.fast_dev_run:
             return
-        _check_strategy(trainer.strategy)
+        check_strategy(trainer.strategy)
         if trainer.is_global_zero:
             self.writer.open()
 
@@ -288,6 +244,7 @@ class LadleCheckpoint(*_BASES):  # type: ignore[misc]
         ckpt = trainer.ckpt_path
         if run is None or not ckpt:
             return
+        warn_if_order_is_lost(trainer)
         folder = os.path.dirname(os.path.abspath(os.fspath(ckpt)))
         if os.path.realpath(os.path.dirname(folder)) == os.path.realpath(run.path):
             name = os.path.basename(folder)
@@ -304,26 +261,35 @@ class LadleCheckpoint(*_BASES):  # type: ignore[misc]
             self.writer.close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        except LadleError as exc:  # a failed background save must not hide the training's error
+            log.error("%s", exc)
 
     # -- events ----------------------------------------------------------------------
 
     def _metrics(self, trainer: Any) -> dict[str, float]:
         fresh = self._eval_step == trainer.global_step
-        metrics = _scalars(trainer.callback_metrics)
+        metrics = scalars(trainer.callback_metrics)
         return {k: v for k, v in metrics.items() if fresh or k not in self._eval_keys}
 
     def _ask(self, trainer: Any, kind: str) -> None:
         """Let the triggers see an event; remember that this step must be saved if any fires."""
         step = trainer.global_step
-        if self.writer.fires(kind, step, self._epoch, self._metrics(trainer)):
-            self._pending = step
+        reason = self.writer.poll(kind, step, self._epoch, self._metrics(trainer))
+        if reason:
+            self._pending, self._reason = step, reason
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         # A save is pending here only when a predicted validation did not run; the
         # weights are still those of the pending step, so save them now. Every rank
         # calls _flush, which takes rank 0's word, so collective saves stay in step.
         self._flush(trainer, pl_module)
+        if self._rng_state is not None:
+            # Lightning restores no RNG: put back the generators of the saved moment right before
+            # the first batch after it, so dropout and augmentation draw what they would have.
+            restore_rng(self._rng_state)
+            self._rng_state = None
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -336,21 +302,23 @@ class LadleCheckpoint(*_BASES):  # type: ignore[misc]
         if self.ema is not None:
             self.ema.update(step=step)
         self._ask(trainer, "step")
-        if not (_validation_follows(trainer) or _epoch_ends(trainer)):
+        if not (validation_follows(trainer) or epoch_ends(trainer)):
             self._flush(trainer, pl_module)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-        if _is_fitting(trainer):
-            self._before_eval = _scalars(trainer.callback_metrics)
+        if is_fitting(trainer):
+            self._before_eval = scalars(trainer.callback_metrics)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if not _is_fitting(trainer):
+        if not is_fitting(trainer):
             return
-        after = _scalars(trainer.callback_metrics)
-        self._eval_keys |= {k for k, v in after.items() if self._before_eval.get(k) != v}
+        after = scalars(trainer.callback_metrics)
+        fresh = {k for k, v in after.items() if self._before_eval.get(k) != v}
+        self._eval_keys |= fresh
+        self.writer.note_evaluation(fresh)
         self._eval_step = trainer.global_step
         self._ask(trainer, "step")
-        if not _epoch_ends(trainer):
+        if not epoch_ends(trainer):
             self._flush(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
@@ -360,9 +328,10 @@ class LadleCheckpoint(*_BASES):  # type: ignore[misc]
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.save_at_end:
-            self._pending = trainer.global_step
+            self._pending, self._reason = trainer.global_step, "save_at_end"
         self._flush(trainer, pl_module)
         if trainer.is_global_zero:
+            self.writer.wait()  # the soup and the check below see every checkpoint
             self.writer.warn_if_monitor_unrecorded()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
@@ -404,30 +373,50 @@ class LadleCheckpoint(*_BASES):  # type: ignore[misc]
         self._pending = None
         step = trainer.global_step
         metrics = self._metrics(trainer)
+        if trainer.is_global_zero:
+            self.writer.wait()  # the previous save is committed (and its staging buffers free)
         skip = trainer.is_global_zero and self.writer.already_saved(step, metrics)
         if trainer.world_size > 1:
             skip = trainer.strategy.broadcast(skip, src=0)
         if skip:
             return
         # Gathering the weights (and Lightning's save) are collective under some strategies.
-        weights = trainer.strategy.lightning_module_state_dict()
-        if not trainer.is_global_zero:
-            trainer.save_checkpoint(os.path.join(self.run_dir, LIGHTNING_FILE), weights_only=False)
-            return
+        weights = dict(trainer.strategy.lightning_module_state_dict())
+        write_lightning: FileWriter
+        if self.async_save:
+            # Lightning's checkpoint of this moment, built now on every rank, copied into host memory
+            # below: the live trainer state may change while the background thread writes it.
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            if not trainer.is_global_zero:
+                return
+            ema = self.ema.weights() if self.ema is not None else None
+            staged = self._stager.stage({"checkpoint": checkpoint, "weights": weights, "ema": ema})
+            weights, ema = staged["weights"], staged["ema"]
+            write_lightning = functools.partial(save_lightning, trainer, checkpoint=staged["checkpoint"])
+        else:
+            if not trainer.is_global_zero:
+                trainer.save_checkpoint(os.path.join(self.run_dir, LIGHTNING_FILE), weights_only=False)
+                return
+            ema = self.ema.weights() if self.ema is not None else None
+            write_lightning = functools.partial(save_lightning, trainer)
         files = [
-            (MODEL_FILE, safetensors_writer(weights)),
-            (LIGHTNING_FILE, lambda path: _save_lightning(trainer, path)),
+            (MODEL_FILE, safetensors_writer(*tensors_for_safetensors(weights))),
+            (LIGHTNING_FILE, write_lightning),
         ]
-        if self.ema is not None:
-            files.append((EMA_FILE, safetensors_writer(self.ema.weights())))
-        name = self.writer.free_name(f"step-{step:09d}")
-        self.writer.commit(
-            name,
-            files,
-            step=step,
-            epoch=self._epoch,
-            metrics=metrics,
-            extra={"models": ["model"], "ema": self.ema is not None, "framework": "lightning"},
+        if ema is not None:
+            files.append((EMA_FILE, safetensors_writer(*tensors_for_safetensors(ema))))
+        run = self.writer.open()
+        self.writer.save(
+            SaveRequest(
+                name=run.free_name(f"step-{step:09d}"),
+                files=files,
+                step=step,
+                epoch=self._epoch,
+                metrics=encode_metrics(metrics, lenient=True),
+                trigger=self._reason or "save",
+                extra={"models": ["model"], "ema": self.ema is not None, "framework": "lightning"},
+            ),
+            background=self.async_save,
         )
 
     # -- Lightning's callback state (stored inside lightning.ckpt) --------------------
@@ -436,12 +425,14 @@ class LadleCheckpoint(*_BASES):  # type: ignore[misc]
         return {
             **self.writer.state_dict(),
             "eval_keys": sorted(self._eval_keys),
+            "rng": capture_rng(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.writer.load_state_dict(state_dict)
         self._eval_keys = set(state_dict.get("eval_keys") or [])
+        self._rng_state = state_dict.get("rng")
         ema_state = state_dict.get("ema")
         if ema_state is None:
             return
@@ -451,30 +442,6 @@ class LadleCheckpoint(*_BASES):  # type: ignore[misc]
             self._ema_state = ema_state  # applied when the EMA is built, at fit start
         else:
             log.warning("the checkpoint holds an EMA but LadleCheckpoint(ema=None); it is dropped")
-
-
-def _check_strategy(strategy: Any) -> None:
-    """Refuse, before training, strategies whose checkpoint is a folder of shards."""
-    name = type(strategy).__name__
-    sharded = (
-        name == "DeepSpeedStrategy"
-        or (name == "FSDPStrategy" and getattr(strategy, "_state_dict_type", "full") == "sharded")
-        or (name == "ModelParallelStrategy" and getattr(strategy, "_save_distributed_checkpoint", True))
-    )
-    if sharded:
-        raise ConfigError(
-            f"{name} saves sharded checkpoints (a folder per save), which LadleCheckpoint cannot commit; "
-            "use DDP, or FSDP with state_dict_type='full'"
-        )
-
-
-def _save_lightning(trainer: Any, path: str) -> None:
-    trainer.save_checkpoint(path, weights_only=False)
-    if os.path.isdir(path):
-        raise ConfigError(
-            f"{path}: the strategy saved a sharded checkpoint (a folder); LadleCheckpoint needs one "
-            "file: use a strategy that saves a full state dict (e.g. FSDP state_dict_type='full')"
-        )
 
 
 __all__ = ["LIGHTNING_FILE", "LadleCheckpoint", "MissingDependency"]

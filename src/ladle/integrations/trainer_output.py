@@ -13,17 +13,17 @@ import os
 
 import torch
 
-from ladle.averaging.engine import IntPolicy
-from ladle.averaging.recipes import parse_recipe
+from ladle.averaging.int_policies import IntPolicy
+from ladle.averaging.recipe_parsing import parse_recipe
 from ladle.averaging.soups import SoupResult, soup
 from ladle.averaging.weights import WeightsLike
 from ladle.errors import ConfigError
+from ladle.store.foreign_runs import TrainerOutput
 from ladle.store.trainer_dirs import (
     CHECKPOINT_PREFIX,
     TRAINER_STATE,
     TRAINING_FILES,
     WEIGHT_FILE_RE,
-    TrainerOutput,
     checkpoint_step,
     copy_model_files,
     epoch_index,

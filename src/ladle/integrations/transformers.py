@@ -42,7 +42,6 @@ from ladle.averaging.soups import SoupResult
 from ladle.errors import ConfigError, MissingDependency, StateMismatch
 from ladle.integrations._extras import import_first
 from ladle.integrations._resume import find_resumable
-from ladle.integrations._saving import RunWriter
 from ladle.integrations._soup import SoupPlan, soup_to_file, soup_weights
 from ladle.integrations.trainer_output import (
     CHECKPOINT_PREFIX,
@@ -51,10 +50,11 @@ from ladle.integrations.trainer_output import (
     epoch_index,
     metrics_at,
 )
-from ladle.metrics import Mode
+from ladle.metrics import Mode, encode_metrics
 from ladle.policies.retention import Keep, Policy
-from ladle.policies.rules import SaveRules
-from ladle.policies.triggers import Event, EveryEpochs, EverySteps, OnImprovement, OnThreshold, Trigger
+from ladle.policies.rules import SaveRules, rules_from
+from ladle.policies.triggers import EveryEpochs, EverySteps, OnImprovement, OnThreshold, Trigger
+from ladle.saving.engine import SaveEngine, SaveRequest
 
 log = logging.getLogger("ladle")
 
@@ -63,6 +63,11 @@ _transformers = import_first(
 )
 SOUP_FOLDER = "soup"
 WEIGHTS_FILE = "model.safetensors"
+_ASYNC_IN_PLACE = (
+    "LadleCallback(async_save=True) needs run_dir= (a run other than the Trainer's output_dir): "
+    "recording in place would checksum the Trainer's own checkpoint-N/ folders in the background, "
+    "while the Trainer may rotate or rewrite them; pass run_dir= or drop async_save"
+)
 
 
 def _same_dir(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
@@ -94,6 +99,7 @@ class LadleCallback(_transformers.TrainerCallback):  # type: ignore[misc,name-de
         self,
         run_dir: str | os.PathLike[str] | None = None,
         *,
+        rules: SaveRules | None = None,
         monitor: str | None = None,
         mode: Mode | str | None = None,
         every_steps: int | None = None,
@@ -102,39 +108,49 @@ class LadleCallback(_transformers.TrainerCallback):  # type: ignore[misc,name-de
         on_improvement: bool = False,
         thresholds: Sequence[float] | None = None,
         triggers: Sequence[Trigger] = (),
-        keep: Keep | Sequence[Policy] | None = None,
+        keep: Keep | Sequence[Policy] | int | None = None,
         soup: str | None = None,
         soup_output: str | os.PathLike[str] | None = None,
         load_soup: bool = False,
         soup_options: Mapping[str, Any] | None = None,
+        async_save: bool = False,
     ) -> None:
         """
         Args:
             run_dir: commit copies of the checkpoints into this ladle run; None records the
                 Trainer's own `checkpoint-*/` folders in place (its output_dir becomes the run).
+            rules: when to save and what to keep, as one `ladle.SaveRules(...)`; or the short
+                keywords below (not both). With `rules=` and `Keep(best=)`, name its `monitor=`.
             monitor, mode: the metric that defines "best" (as logged, e.g. "eval_loss") and its
                 direction; default: the Trainer's `metric_for_best_model`/`greater_is_better`,
                 else "min".
             every_steps, every_epochs, every_seconds, on_improvement, thresholds, triggers:
                 extra saves to ask the Trainer for, on top of its `save_strategy`.
-            keep: ladle retention over the run's checkpoints, e.g. `Keep(last=3, best=2)`.
+            keep: ladle retention over the run's checkpoints, e.g. `Keep(last=3, best=2)`, or an int
+                n (the newest n, like `save_total_limit`).
             soup: a recipe ("last:5", "top:5:eval_loss:min", ...) averaged when training ends.
             soup_output: the folder the soup goes to (default `<output_dir>/soup`); it holds
                 `model.safetensors` and the newest checkpoint's config and tokenizer files.
             load_soup: load the soup into the Trainer's model when training ends (after
                 `load_best_model_at_end`, which it overrides).
             soup_options: more keyword arguments of `ladle.soup` (`weights=`, `window=` ...).
+            async_save: with `run_dir`, copy each Trainer checkpoint into the run at the save and
+                checksum, fsync and commit it in the background (one save in flight; an error
+                surfaces at the next save or when training ends). Not when recording in place.
         """
         self.run_dir = None if run_dir is None else os.fspath(run_dir)
-        self._explicit_mode = mode is not None
+        self.async_save = bool(async_save)
+        if self.async_save and self.run_dir is None:
+            raise ConfigError(_ASYNC_IN_PLACE)
+        self._explicit_mode = mode is not None or (rules is not None and rules.monitor is not None)
         # Keep(best=) may rely on the Trainer's metric_for_best_model, known at train begin.
         self._keep_later = (
             monitor is None and isinstance(keep, Keep) and keep.best is not None and not keep.metric
         )
         self._keep = keep
-        self.rules = SaveRules(
+        given = dict(
             monitor=monitor,
-            mode=mode if mode is not None else Mode.MIN,
+            mode=mode,
             every_steps=every_steps,
             every_epochs=every_epochs,
             every_seconds=every_seconds,
@@ -143,14 +159,16 @@ class LadleCallback(_transformers.TrainerCallback):  # type: ignore[misc,name-de
             triggers=triggers,
             keep=None if self._keep_later else keep,
         )
+        self.rules = rules_from(rules, given, where="LadleCallback")
         self.soup_plan = SoupPlan(recipe=soup, output=soup_output, load=load_soup, options=soup_options)
-        self.writer: RunWriter | None = None
-        """The run writer, once training has begun (on the main process)."""
+        self.writer: SaveEngine | None = None
+        """The save engine, once training has begun (its run is opened on the main process only)."""
         self.soup_result: SoupResult | None = None
         """What the end-of-training soup wrote, once it has."""
         self.soup_dir: str | None = None
         """The folder of the end-of-training soup, once written."""
         self._triggers = self.rules.build_triggers(default=None)
+        self._reason = ""
         self._deterministic = all(
             isinstance(t, EverySteps | EveryEpochs | OnImprovement | OnThreshold) for t in self._triggers
         )
@@ -204,12 +222,14 @@ class LadleCallback(_transformers.TrainerCallback):  # type: ignore[misc,name-de
             rules = dataclasses.replace(rules, keep=self._keep)
             self._keep_later = False
         self.rules = rules
+        if self.async_save and self._records(args):
+            raise ConfigError(_ASYNC_IN_PLACE)
         if getattr(args.save_strategy, "value", args.save_strategy) == "no" and not self._triggers:
             log.warning("save_strategy='no' and no ladle trigger: no checkpoint will be saved")
+        self.writer = SaveEngine(self._run_dir(args), rules, takeover=True)
+        self.writer.triggers = self._triggers
         if not state.is_world_process_zero:
             return
-        self.writer = RunWriter(self._run_dir(args), rules)
-        self.writer.triggers = self._triggers
         run = self.writer.open()
         if state.global_step > 0:
             self._note_resume(state.global_step)
@@ -234,18 +254,16 @@ class LadleCallback(_transformers.TrainerCallback):  # type: ignore[misc,name-de
             self.writer.load_state_dict(saved)
 
     def _ask(self, kind: str, state: Any, control: Any, metrics: Mapping[str, Any]) -> None:
-        if not self._triggers:
+        if self.writer is None or not self.writer.triggers:
             return
-        epoch = epoch_index(state.epoch)
-        fired = any([t.fires(self._event(kind, state.global_step, epoch, metrics)) for t in self._triggers])
+        values = encode_metrics(metrics, lenient=True)
+        reason = self.writer.poll(kind, state.global_step, epoch_index(state.epoch), values)
+        fired = reason is not None
         if not self._deterministic:
             fired = _agree(fired)
         if fired:
             control.should_save = True
-
-    def _event(self, kind: str, step: int, epoch: int | None, metrics: Mapping[str, Any]) -> Event:
-        elapsed = self.writer.clock.elapsed() if self.writer is not None else 0.0
-        return Event(kind, step, epoch, dict(metrics), elapsed)  # type: ignore[arg-type]
+            self._reason = reason or "a trigger on the main process"
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._ask("step", state, control, {})
@@ -261,6 +279,8 @@ class LadleCallback(_transformers.TrainerCallback):  # type: ignore[misc,name-de
         self, args: Any, state: Any, control: Any, metrics: Mapping[str, Any] | None = None, **kwargs: Any
     ) -> None:
         if metrics:
+            if self.writer is not None:
+                self.writer.note_evaluation(metrics)
             self._ask("step", state, control, metrics)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -269,6 +289,7 @@ class LadleCallback(_transformers.TrainerCallback):  # type: ignore[misc,name-de
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero or self.writer is None:
             return
+        reason, self._reason = self._reason or "the Trainer's save_strategy", ""
         step = state.global_step
         folder = os.path.join(os.fspath(args.output_dir), f"{CHECKPOINT_PREFIX}{step}")
         if not os.path.isdir(folder):
@@ -286,7 +307,9 @@ class LadleCallback(_transformers.TrainerCallback):  # type: ignore[misc,name-de
         }
         epoch = epoch_index(state.epoch)
         if self._records(args):
-            self.writer.record(os.path.basename(folder), step=step, epoch=epoch, metrics=metrics, extra=extra)
+            self.writer.record(
+                os.path.basename(folder), step=step, epoch=epoch, metrics=metrics, trigger=reason, extra=extra
+            )
             return
         files = []
         for name in sorted(os.listdir(folder)):
@@ -297,11 +320,25 @@ class LadleCallback(_transformers.TrainerCallback):  # type: ignore[misc,name-de
                     "committed file by file; use LadleCallback() without run_dir to record in place"
                 )
             files.append((name, _copier(path)))
-        name = self.writer.free_name(os.path.basename(folder))
-        self.writer.commit(name, files, step=step, epoch=epoch, metrics=metrics, extra=extra)
+        run = self.writer.open()
+        self.writer.save(
+            SaveRequest(
+                name=run.free_name(os.path.basename(folder)),
+                files=files,
+                step=step,
+                epoch=epoch,
+                metrics=encode_metrics(metrics, lenient=True),
+                trigger=reason,
+                extra=extra,
+                # The Trainer may rotate or rewrite its folder once this returns: copy it now.
+                write_at_call=True,
+            ),
+            background=self.async_save,
+        )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.writer is not None:
+            self.writer.wait()  # the check and the soup below see every checkpoint
             self.writer.warn_if_monitor_unrecorded()
         plan = self.soup_plan
         if plan.recipe is None:

@@ -3,6 +3,11 @@
 Each policy looks at `(name, step, seq, metrics)` records and names the ones it
 keeps; a checkpoint survives if any policy keeps it or it is protected (latest,
 best, resumed-from, pinned). With no policies at all, everything is kept.
+
+A metric that no checkpoint ever recorded (a mistyped `monitor=`) never decides a
+deletion: `KeepBest` then keeps every checkpoint and says so in the log, so the
+checkpoints the user meant to keep survive until the name is fixed. Direction:
+`mode` defaults to "min" (a loss), as everywhere in ladle.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from ladle.errors import ConfigError
 from ladle.metrics import Mode, is_finite_number, parse_mode, sort_key
+from ladle.store.checkpoint import best_of
+from ladle.validation import check_int, check_name, check_optional_int
 
 if TYPE_CHECKING:
     from ladle.store.run import Run
@@ -47,8 +54,7 @@ class KeepLast(Policy):
     """How many of the newest to keep."""
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ConfigError(f"KeepLast.n must be >= 1, got {self.n}")
+        check_int("KeepLast.n", self.n, low=1)
 
     def keep(self, records: Sequence[Record]) -> set[str]:
         newest = sorted(records, key=lambda r: r.seq)[-self.n :]
@@ -57,21 +63,33 @@ class KeepLast(Policy):
 
 @dataclass(frozen=True, kw_only=True)
 class KeepBest(Policy):
-    """Keep the `k` checkpoints with the best finite value of `metric` (ties: earlier wins)."""
+    """Keep the `k` checkpoints with the best finite value of `metric` (ties: earlier wins).
+
+    When no record holds `metric` at all, it keeps every record: a metric that was
+    never reported (a typo) must not decide what is deleted; the save engine warns
+    about such a metric at the first save that lacks it.
+    """
 
     k: int
     """How many of the best to keep."""
     metric: str
     """Metric name as recorded in meta.json."""
-    mode: Mode | str
-    """"min" or "max"; required, because guessing a direction loses models."""
+    mode: Mode | str = Mode.MIN
+    """"min" (default) or "max": which direction is better."""
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ConfigError(f"KeepBest.k must be >= 1, got {self.k}")
+        check_int("KeepBest.k", self.k, low=1)
+        check_name("KeepBest.metric", self.metric)
         object.__setattr__(self, "mode", parse_mode(self.mode, field="KeepBest.mode"))
 
     def keep(self, records: Sequence[Record]) -> set[str]:
+        if records and not any(self.metric in r.metrics for r in records):
+            log.info(
+                "KeepBest: no checkpoint records %r (recorded: %s); keeping them all until one does",
+                self.metric,
+                ", ".join(sorted({k for r in records for k in r.metrics})) or "none",
+            )
+            return {r.name for r in records}
         scored = [r for r in records if is_finite_number(r.metrics.get(self.metric))]
         scored.sort(key=lambda r: (sort_key(r.metrics[self.metric], self.mode), r.seq))
         return {r.name for r in scored[: self.k]}
@@ -85,8 +103,7 @@ class KeepEvery(Policy):
     """Step interval of permanent checkpoints."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"KeepEvery.steps must be >= 1, got {self.steps}")
+        check_int("KeepEvery.steps", self.steps, low=1)
 
     def keep(self, records: Sequence[Record]) -> set[str]:
         return {r.name for r in records if r.step % self.steps == 0}
@@ -102,7 +119,11 @@ class KeepPinned(Policy):
 
 @dataclass(frozen=True, kw_only=True)
 class Keep:
-    """Sugar over the policies: `Keep(last=3, best=5, metric="val_loss", mode="min", every=10000)`."""
+    """Sugar over the policies: `Keep(last=3, best=5, metric="val_loss", mode="min", every=10000)`.
+
+    Where rules take a `keep=`, a plain int `n` means `Keep(last=n)` (like the
+    transformers Trainer's `save_total_limit`).
+    """
 
     last: int | None = None
     """Keep the newest `last` checkpoints."""
@@ -111,9 +132,25 @@ class Keep:
     metric: str | None = None
     """Metric for `best`."""
     mode: Mode | str | None = None
-    """Direction for `best`."""
+    """Direction for `best`; default: the manager's `mode` with its monitor, else "min"."""
     every: int | None = None
     """Keep checkpoints at steps that are multiples of `every`, forever."""
+
+    def __post_init__(self) -> None:
+        check_optional_int("Keep.last", self.last, low=1)
+        check_optional_int("Keep.best", self.best, low=1)
+        check_optional_int("Keep.every", self.every, low=1)
+        if self.metric is not None:
+            check_name("Keep.metric", self.metric)
+        if self.mode is not None:
+            object.__setattr__(self, "mode", parse_mode(self.mode, field="Keep.mode"))
+        if self.best is None and (self.metric is not None or self.mode is not None):
+            raise ConfigError(
+                f"Keep(metric={self.metric!r}, mode={self.mode!r}) without best= keeps nothing by that "
+                "metric; add best=K (how many of the best to keep) or drop metric=/mode="
+            )
+        if self.last is None and self.best is None and self.every is None:
+            raise ConfigError("Keep() names no policy; pass last=, best= and/or every= (keep=None keeps all)")
 
     def policies(self, monitor: tuple[str, Mode] | None = None) -> list[Policy]:
         """The policy objects this shorthand stands for."""
@@ -124,9 +161,11 @@ class Keep:
             metric, mode = self.metric, self.mode
             if metric is None and monitor is not None:
                 metric, mode = monitor[0], mode or monitor[1]
-            if metric is None or mode is None:
-                raise ConfigError("Keep(best=...) needs metric= and mode='min'|'max' (or a manager monitor=)")
-            found.append(KeepBest(k=self.best, metric=metric, mode=mode))
+            if metric is None:
+                raise ConfigError(
+                    "Keep(best=...) needs metric= (or a manager monitor=); e.g. metric='val_loss'"
+                )
+            found.append(KeepBest(k=self.best, metric=metric, mode=mode or Mode.MIN))
         if self.every is not None:
             found.append(KeepEvery(steps=self.every))
         return found
@@ -163,8 +202,11 @@ def prune(
     latest = run.latest(kind="train")
     if latest is not None:
         protected.add(latest.name)
+    extra = set(extra)
     if monitor is not None:
-        best = run.best(monitor[0], monitor[1])
+        # A superseded checkpoint (in `extra`) is replaced by a newer one of the same step
+        # that records all its metrics: the best is chosen among the others.
+        best = best_of([c for c in run.checkpoints() if c.name not in extra], monitor[0], monitor[1])
         if best is not None:
             protected.add(best.name)
     names = {r.name for r in records}

@@ -14,8 +14,15 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from ladle.errors import ConfigError
 from ladle.metrics import Mode, is_finite_number, parse_mode
+from ladle.validation import (
+    check_bool,
+    check_int,
+    check_name,
+    check_number,
+    check_optional_number,
+    parse_enum,
+)
 
 
 class DeltaMode(str, Enum):
@@ -61,17 +68,20 @@ class EarlyStopping:
     reason: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        check_name("EarlyStopping.metric", self.metric)
         self.mode = parse_mode(self.mode, field="EarlyStopping.mode")
-        try:
-            self.delta_mode = DeltaMode(self.delta_mode)
-        except ValueError:
-            raise ConfigError(f"EarlyStopping.delta_mode={self.delta_mode!r}; use 'abs' or 'rel'") from None
-        if self.patience < 0:
-            raise ConfigError(f"EarlyStopping.patience must be >= 0, got {self.patience}")
-        if self.min_delta < 0:
-            raise ConfigError(f"EarlyStopping.min_delta must be >= 0, got {self.min_delta}")
-        if self.warmup < 0:
-            raise ConfigError(f"EarlyStopping.warmup must be >= 0, got {self.warmup}")
+        self.delta_mode = parse_enum(DeltaMode, self.delta_mode, "EarlyStopping.delta_mode")
+        self.patience = check_int("EarlyStopping.patience", self.patience, low=0)
+        self.min_delta = check_number("EarlyStopping.min_delta", self.min_delta, low=0)
+        self.warmup = check_int("EarlyStopping.warmup", self.warmup, low=0)
+        self.stopping_threshold = check_optional_number(
+            "EarlyStopping.stopping_threshold", self.stopping_threshold
+        )
+        self.divergence_threshold = check_optional_number(
+            "EarlyStopping.divergence_threshold", self.divergence_threshold
+        )
+        check_bool("EarlyStopping.check_finite", self.check_finite)
+        check_bool("EarlyStopping.restore_best", self.restore_best)
 
     @property
     def should_stop(self) -> bool:

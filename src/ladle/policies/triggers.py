@@ -1,19 +1,24 @@
 """When to save: small policies, each answering one question about one training event.
 
-A manager asks every trigger at each `step()` and `epoch_end()` call and saves when
-any fires. Triggers with memory (thresholds already crossed, best value seen) keep
-it in `state_dict()`, so a resumed run does not fire them again.
+The save engine asks every trigger at each `step()` and `epoch_end()` call and saves
+when any fires. Triggers with memory (thresholds already crossed, best value seen)
+keep it in `state_dict()`, so a resumed run does not fire them again. Each trigger
+can say why it fired (`describe()`), which the engine logs at debug level.
+
+Direction: a metric's `mode` defaults to "min" (a loss) here as everywhere in
+ladle (`SaveRules`, `KeepBest`, `EarlyStopping`); pass `mode="max"` for accuracy-like
+metrics. Triggers built by `SaveRules` take the rules' `mode`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ladle.errors import ConfigError
 from ladle.metrics import Mode, is_better, is_finite_number, parse_mode
+from ladle.validation import check_int, check_name, check_number, check_numbers
 
 EventKind = Literal["step", "epoch"]
 
@@ -41,10 +46,9 @@ class Trigger:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Stateless triggers have nothing to restore."""
 
-
-def _positive(value: float, name: str) -> None:
-    if not value > 0:
-        raise ConfigError(f"{name} must be > 0, got {value!r}")
+    def describe(self, event: Event) -> str:
+        """Why this trigger fired at `event`, for the log (called only after it fired)."""
+        return type(self).__name__
 
 
 @dataclass(kw_only=True)
@@ -55,10 +59,13 @@ class EverySteps(Trigger):
     """Steps between saves."""
 
     def __post_init__(self) -> None:
-        _positive(self.n, "EverySteps.n")
+        self.n = check_int("EverySteps.n", self.n, low=1)
 
     def fires(self, event: Event) -> bool:
         return event.kind == "step" and event.step % self.n == 0
+
+    def describe(self, event: Event) -> str:
+        return f"EverySteps(n={self.n}): step {event.step}"
 
 
 @dataclass(kw_only=True)
@@ -69,10 +76,13 @@ class EveryEpochs(Trigger):
     """Epochs between saves."""
 
     def __post_init__(self) -> None:
-        _positive(self.n, "EveryEpochs.n")
+        self.n = check_int("EveryEpochs.n", self.n, low=1)
 
     def fires(self, event: Event) -> bool:
         return event.kind == "epoch" and event.epoch is not None and (event.epoch + 1) % self.n == 0
+
+    def describe(self, event: Event) -> str:
+        return f"EveryEpochs(n={self.n}): end of epoch {event.epoch}"
 
 
 @dataclass(kw_only=True)
@@ -83,10 +93,13 @@ class EverySeconds(Trigger):
     """Wall-clock seconds between saves (the Transformer paper saved every 600)."""
 
     def __post_init__(self) -> None:
-        _positive(self.seconds, "EverySeconds.seconds")
+        self.seconds = check_number("EverySeconds.seconds", self.seconds, low=0, open_low=True)
 
     def fires(self, event: Event) -> bool:
         return event.seconds_since_save >= self.seconds
+
+    def describe(self, event: Event) -> str:
+        return f"EverySeconds(seconds={self.seconds:g}): {event.seconds_since_save:.1f} s since the last save"
 
 
 @dataclass(kw_only=True)
@@ -96,10 +109,11 @@ class OnImprovement(Trigger):
     metric: str
     """Name of the metric, as passed in `metrics=`."""
     mode: Mode | str = Mode.MIN
-    """"min" or "max": which direction is better."""
+    """"min" (default) or "max": which direction is better."""
     best: float | None = field(default=None)
 
     def __post_init__(self) -> None:
+        check_name("OnImprovement.metric", self.metric)
         self.mode = parse_mode(self.mode, field="OnImprovement.mode")
 
     def fires(self, event: Event) -> bool:
@@ -108,6 +122,9 @@ class OnImprovement(Trigger):
             return False
         self.best = float(value)
         return True
+
+    def describe(self, event: Event) -> str:
+        return f"OnImprovement: {self.metric}={self.best:g} is a new best ({Mode(self.mode).value})"
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}
@@ -118,21 +135,21 @@ class OnImprovement(Trigger):
 
 @dataclass(kw_only=True)
 class OnThreshold(Trigger):
-    """Save the first time `metric` reaches each of `thresholds` (>= for max, <= for min)."""
+    """Save the first time `metric` reaches each of `thresholds` (<= for "min", the default; >= for "max")."""
 
     metric: str
     """Name of the metric, as passed in `metrics=`."""
     thresholds: Sequence[float]
     """Values that each fire once when first reached."""
-    mode: Mode | str = Mode.MAX
-    """"max": fires when the metric rises to a threshold; "min": when it falls to one."""
+    mode: Mode | str = Mode.MIN
+    """"min" (default): fires when the metric falls to a threshold; "max": when it rises to one."""
     crossed: list[float] = field(default_factory=list)
+    _reached: list[float] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        check_name("OnThreshold.metric", self.metric)
         self.mode = parse_mode(self.mode, field="OnThreshold.mode")
-        if not self.thresholds:
-            raise ConfigError("OnThreshold.thresholds must name at least one value")
-        self.thresholds = sorted(float(t) for t in self.thresholds)
+        self.thresholds = sorted(check_numbers("OnThreshold.thresholds", self.thresholds))
 
     def fires(self, event: Event) -> bool:
         value = event.metrics.get(self.metric)
@@ -145,7 +162,13 @@ class OnThreshold(Trigger):
             if t not in self.crossed and (value >= t if self.mode is Mode.MAX else value <= t)
         ]
         self.crossed.extend(reached)
+        self._reached = reached
         return bool(reached)
+
+    def describe(self, event: Event) -> str:
+        value = float(event.metrics.get(self.metric))  # type: ignore[arg-type]
+        reached = ", ".join(f"{t:g}" for t in self._reached)
+        return f"OnThreshold: {self.metric}={value:g} reached {reached}"
 
     def state_dict(self) -> dict[str, Any]:
         return {"crossed": list(self.crossed)}
@@ -155,13 +178,17 @@ class OnThreshold(Trigger):
 
 
 class Clock:
-    """Seconds since the last save, on the monotonic clock (immune to wall-clock jumps)."""
+    """Seconds since the last save, on the monotonic clock (immune to wall-clock jumps).
 
-    def __init__(self) -> None:
-        self.last = time.monotonic()
+    `now` is the time source: tests pass a fake one instead of patching `time.monotonic`.
+    """
+
+    def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
+        self.now = now
+        self.last = now()
 
     def reset(self) -> None:
-        self.last = time.monotonic()
+        self.last = self.now()
 
     def elapsed(self) -> float:
-        return time.monotonic() - self.last
+        return self.now() - self.last

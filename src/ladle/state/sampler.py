@@ -5,10 +5,15 @@ so the order does not depend on any global RNG, and it can start in the middle o
 an epoch. `ResumableDataLoader` is a DataLoader over such a sampler that counts the
 batches as the training loop *consumes* them (worker prefetching does not skew the
 count), and advances the epoch by itself when a pass completes.
+
+With `num_replicas=` and `rank=` either one works as a `DistributedSampler`: each
+rank sees its share of the same per-epoch permutation. Positions are per rank; a
+run resumed on another number of ranks continues from the same global position.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -16,6 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ladle.errors import ConfigError, StateMismatch
+
+log = logging.getLogger("ladle")
 
 
 class ResumableSampler(Sampler[int]):
@@ -26,17 +33,31 @@ class ResumableSampler(Sampler[int]):
     consumed batches instead.
     """
 
-    def __init__(self, data_source: Sized | int, *, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        data_source: Sized | int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
         self.length = data_source if isinstance(data_source, int) else len(data_source)
         if self.length < 0:
             raise ConfigError(f"data_source length must be >= 0, got {self.length}")
+        if (num_replicas is None) != (rank is None):
+            raise ConfigError("pass both num_replicas= and rank= (as to a DistributedSampler), or neither")
+        self.num_replicas = 1 if num_replicas is None else int(num_replicas)
+        self.rank = 0 if rank is None else int(rank)
+        if self.num_replicas < 1 or not 0 <= self.rank < self.num_replicas:
+            raise ConfigError(f"rank={rank} and num_replicas={num_replicas}: need 0 <= rank < num_replicas")
         self.shuffle = shuffle
         self.seed = int(seed)
         self.epoch = 0
         self.offset = 0  # indices of the current epoch already consumed
 
     def __len__(self) -> int:
-        return self.length
+        return -(-self.length // self.num_replicas)
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its beginning (unless a resumed offset is pending for it)."""
@@ -45,12 +66,22 @@ class ResumableSampler(Sampler[int]):
             self.offset = 0
 
     def order(self, epoch: int) -> list[int]:
-        """The full index order of `epoch`."""
+        """This rank's index order of `epoch` (the whole order without replicas).
+
+        Like `DistributedSampler`: one permutation for all ranks, padded by wrapping
+        around to a multiple of `num_replicas`, and rank r takes every r-th index.
+        """
         if not self.shuffle:
-            return list(range(self.length))
-        generator = torch.Generator()
-        generator.manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.length, generator=generator).tolist()
+            order = list(range(self.length))
+        else:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.length, generator=generator).tolist()
+        if self.num_replicas == 1 or not order:
+            return order
+        total = len(self) * self.num_replicas
+        order += (order * (total // len(order) + 1))[: total - len(order)]
+        return order[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
         epoch, start = self.epoch, self.offset
@@ -68,6 +99,7 @@ class ResumableSampler(Sampler[int]):
             "seed": self.seed,
             "length": self.length,
             "shuffle": self.shuffle,
+            "num_replicas": self.num_replicas,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -79,7 +111,26 @@ class ResumableSampler(Sampler[int]):
         self.seed = int(state["seed"])
         self.shuffle = bool(state["shuffle"])
         self.epoch = int(state["epoch"])
-        self.offset = int(state["offset"])
+        self.offset = self.rescaled(int(state["offset"]), int(state.get("num_replicas", 1)))
+
+    def rescaled(self, offset: int, saved_replicas: int) -> int:
+        """A per-rank position saved with `saved_replicas` ranks, as a position on this many ranks.
+
+        All ranks consume in lockstep, so the epoch's global position is
+        `offset * saved_replicas`; a resharded resume continues from there.
+        """
+        if saved_replicas == self.num_replicas:
+            return offset
+        position = offset * saved_replicas
+        if position % self.num_replicas:
+            log.warning(
+                "data position %d of %d ranks does not divide among %d ranks; %d samples are seen again",
+                position,
+                saved_replicas,
+                self.num_replicas,
+                position % self.num_replicas,
+            )
+        return position // self.num_replicas
 
 
 class ResumableDataLoader(DataLoader):  # type: ignore[type-arg]
@@ -91,12 +142,20 @@ class ResumableDataLoader(DataLoader):  # type: ignore[type-arg]
     """
 
     def __init__(
-        self, dataset: Any, *, batch_size: int = 1, shuffle: bool = False, seed: int = 0, **kwargs: Any
+        self,
+        dataset: Any,
+        *,
+        batch_size: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        **kwargs: Any,
     ) -> None:
         for forbidden in ("sampler", "batch_sampler"):
             if kwargs.get(forbidden) is not None:
                 raise ConfigError(f"ResumableDataLoader makes its own {forbidden}; do not pass one")
-        sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed)
+        sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank)
         # DataLoader draws a base seed for its workers at every iter(); from the global
         # RNG that draw would differ between a resumed and an uninterrupted run, so it
         # comes from a private generator re-seeded from (seed, epoch) at each pass.
@@ -120,6 +179,10 @@ class ResumableDataLoader(DataLoader):  # type: ignore[type-arg]
 
     def __iter__(self) -> Iterator[Any]:
         sampler = self.resumable_sampler
+        if self._consumed and self._consumed >= len(self):
+            # The last pass was consumed but not run to exhaustion (Lightning stops after
+            # len() batches), so the code after its loop never advanced the epoch.
+            self._epoch, self._consumed = self._epoch + 1, 0
         epoch = self._epoch
         sampler.epoch, sampler.offset = epoch, self._consumed * self._batch
         if self.generator is not None:
@@ -151,4 +214,4 @@ class ResumableDataLoader(DataLoader):  # type: ignore[type-arg]
             )
         self.resumable_sampler.load_state_dict(state)
         self._epoch = int(state["epoch"])
-        self._consumed = int(state.get("batches", 0))
+        self._consumed = self.resumable_sampler.offset // self._batch

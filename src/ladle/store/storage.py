@@ -1,23 +1,58 @@
 """The narrow file-access seam under the run store: local disks and fsspec URLs.
 
-Everything the store does to files goes through a `Storage`, so a run can live on
-an object store as well as on a local disk. Local storage gives the full
-durability protocol (fsync of files and directories, atomic rename); fsspec
-storage gives what the backend offers (object stores publish a file atomically on
-close, and "rename" of a directory is a copy).
+Everything ladle does to files goes through a `Storage`, so a run (and any file
+a command reads) can live on an object store as well as on a local disk:
+`storage_for(path)` picks the storage for a path or URL (`s3://`, `gs://`,
+`memory://`, `file://`, ...). Local storage gives the full durability protocol
+(fsync of files and directories, atomic rename). fsspec storage gives what the
+backend offers; object stores publish an object atomically on its single PUT
+and have no rename, so the run store commits there with a marker written last
+instead of a rename (`atomic_rename` says which protocol applies; see
+`ladle.store.object_commit`).
+
+Credentials and endpoints come from fsspec's usual configuration: the
+`storage_options` passed here, fsspec's config files and `FSSPEC_<PROTOCOL>_<KEY>`
+variables, and each backend's own environment (`AWS_*` for S3). Nothing here
+logs them. A store that cannot be reached, a missing bucket or a refused
+request becomes a one-line `StorageError` naming the URL and what to do.
+
+fsspec file systems are served by `ladle.store.fsspec_storage.FsspecStorage`; ranged
+reads of one file live in `ladle.store.ranged`; path-level shorthands that
+take a path or URL (`path_exists`, `read_path`, `open_ranged`, `local_copy`, ...) in
+`ladle.store.paths`.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
+
+from ladle.errors import StorageError
+from ladle.store.fsspec_storage import FsspecStorage
+from ladle.store.ranged import LocalRangedFile, RangedFile
+
+
+def is_url(path: str | os.PathLike[str]) -> bool:
+    """True for a URL served by fsspec (`s3://...`, `memory://...`); `file://` is a local path."""
+    text = os.fspath(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def local_path_of(path: str | os.PathLike[str]) -> str:
+    """A local path as given, with a `file://` scheme removed."""
+    text = os.fspath(path)
+    return text[len("file://") :] if text.startswith("file://") else text
 
 
 class Storage(Protocol):
     """What the run store needs from a file system; paths are plain strings."""
+
+    atomic_rename: bool
+    """True when `rename` is atomic (a local disk); False on object stores."""
 
     def join(self, *parts: str) -> str: ...
     def exists(self, path: str) -> bool: ...
@@ -27,6 +62,8 @@ class Storage(Protocol):
     def makedirs(self, path: str) -> None: ...
     def open(self, path: str, mode: str) -> IO[bytes]: ...
     def size(self, path: str) -> int: ...
+    def read_bytes(self, path: str) -> bytes: ...
+    def write_bytes(self, path: str, data: bytes) -> None: ...
     def rename(self, src: str, dst: str) -> None: ...
     def replace(self, src: str, dst: str) -> None: ...
     def remove(self, path: str) -> None: ...
@@ -34,10 +71,14 @@ class Storage(Protocol):
     def fsync_file(self, path: str) -> None: ...
     def fsync_dir(self, path: str) -> None: ...
     def local_path(self, path: str) -> str | None: ...
+    def open_ranged(self, path: str) -> RangedFile: ...
+    def file_sizes(self, path: str) -> dict[str, int]: ...
 
 
 class LocalStorage:
     """POSIX files with fsync and atomic rename."""
+
+    atomic_rename = True
 
     def join(self, *parts: str) -> str:
         return os.path.join(*parts)
@@ -62,6 +103,15 @@ class LocalStorage:
 
     def size(self, path: str) -> int:
         return os.path.getsize(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        with open(path, "rb") as handle:
+            return handle.read()
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write a small file atomically (temporary file, fsync, rename)."""
+        with atomic_write(self, path) as handle:
+            handle.write(data)
 
     def rename(self, src: str, dst: str) -> None:
         # os.rename onto an existing non-empty directory fails, which is what a
@@ -94,94 +144,69 @@ class LocalStorage:
     def local_path(self, path: str) -> str | None:
         return path
 
+    def open_ranged(self, path: str) -> RangedFile:
+        return LocalRangedFile(path)
 
-class FsspecStorage:
-    """Any fsspec file system (s3://, gs://, memory://, ...); durability is the backend's."""
-
-    def __init__(self, fs: object, protocol: str) -> None:
-        self.fs = fs
-        self.protocol = protocol
-
-    def _strip(self, path: str) -> str:
-        return self.fs._strip_protocol(path)  # type: ignore[attr-defined]
-
-    def _url(self, path: str) -> str:
-        return f"{self.protocol}://{self._strip(path)}"
-
-    def join(self, *parts: str) -> str:
-        return "/".join(p.rstrip("/") for p in parts)
-
-    def exists(self, path: str) -> bool:
-        return bool(self.fs.exists(path))  # type: ignore[attr-defined]
-
-    def isdir(self, path: str) -> bool:
-        return bool(self.fs.isdir(path))  # type: ignore[attr-defined]
-
-    def isfile(self, path: str) -> bool:
-        return bool(self.fs.isfile(path))  # type: ignore[attr-defined]
-
-    def listdir(self, path: str) -> list[str]:
-        names = self.fs.ls(path, detail=False)  # type: ignore[attr-defined]
-        return sorted({n.rstrip("/").rsplit("/", 1)[-1] for n in names})
-
-    def makedirs(self, path: str) -> None:
-        self.fs.makedirs(path, exist_ok=True)  # type: ignore[attr-defined]
-
-    def open(self, path: str, mode: str) -> IO[bytes]:
-        return self.fs.open(path, mode)  # type: ignore[attr-defined,no-any-return]
-
-    def size(self, path: str) -> int:
-        return int(self.fs.size(path))  # type: ignore[attr-defined]
-
-    def rename(self, src: str, dst: str) -> None:
-        if self.exists(dst):
-            raise FileExistsError(dst)
-        self.fs.mv(src, dst, recursive=True)  # type: ignore[attr-defined]
-
-    def replace(self, src: str, dst: str) -> None:
-        self.fs.mv(src, dst, recursive=True)  # type: ignore[attr-defined]
-
-    def remove(self, path: str) -> None:
-        self.fs.rm(path)  # type: ignore[attr-defined]
-
-    def rmtree(self, path: str) -> None:
-        if self.exists(path):
-            self.fs.rm(path, recursive=True)  # type: ignore[attr-defined]
-
-    def fsync_file(self, path: str) -> None:
-        """Object stores publish on close; nothing more to do."""
-
-    def fsync_dir(self, path: str) -> None:
-        """Object stores have no directory entries to flush."""
-
-    def local_path(self, path: str) -> str | None:
-        return None
+    def file_sizes(self, path: str) -> dict[str, int]:
+        """Every file under `path` (recursively), by path relative to it, with its size."""
+        out = {}
+        for root, _dirs, files in os.walk(path):
+            for name in files:
+                full = os.path.join(root, name)
+                out[os.path.relpath(full, path)] = os.path.getsize(full)
+        return dict(sorted(out.items()))
 
 
-def storage_for(path: str | os.PathLike[str]) -> tuple[Storage, str]:
-    """The storage that serves `path` and the path in that storage's spelling."""
+def storage_for(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> tuple[Storage, str]:
+    """The storage that serves `path` and the path in that storage's spelling.
+
+    `storage_options` go to the fsspec file system of a URL (endpoint, credentials,
+    ...); fsspec's own configuration and the backend's environment apply as well.
+    """
     text = os.fspath(path)
-    if "://" in text and not text.startswith("file://"):
+    if is_url(text):
         import fsspec
 
-        fs, stripped = fsspec.core.url_to_fs(text)
         protocol = text.split("://", 1)[0]
+        try:
+            fs, stripped = fsspec.core.url_to_fs(text, **dict(storage_options or {}))
+        except ImportError as exc:
+            from ladle.errors import MissingDependency
+
+            raise MissingDependency(
+                f"{text}: the {protocol}:// file system needs a package that is not installed "
+                f"({exc}); for S3 run: pip install 'ladle[s3]'"
+            ) from None
+        except ValueError as exc:
+            raise StorageError(f"{text}: {exc}; check the URL's protocol") from None
         return FsspecStorage(fs, protocol), f"{protocol}://{stripped}"
-    if text.startswith("file://"):
-        text = text[len("file://") :]
-    return LocalStorage(), os.path.abspath(text)
+    return LocalStorage(), os.path.abspath(local_path_of(text))
 
 
 @contextmanager
 def atomic_write(storage: Storage, path: str) -> Iterator[IO[bytes]]:
-    """Write `path` so readers see the old file or the whole new one, never a part."""
+    """Write `path` so readers see the old file or the whole new one, never a part.
+
+    Locally: a temporary file, fsync, rename. On a store an object is published
+    whole when its upload completes (and not at all when it fails), so it is written
+    directly: an object store's "rename" would be a copy, not atomic.
+    """
+    if not storage.atomic_rename:
+        # Buffered here, not in an open upload: closing an upload after an error would
+        # publish the part written so far.
+        buffer = io.BytesIO()
+        yield buffer
+        storage.write_bytes(path, buffer.getvalue())
+        return
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with storage.open(tmp, "wb") as handle:
             yield handle
             handle.flush()
             fileno = getattr(handle, "fileno", None)
-            if fileno is not None and isinstance(storage, LocalStorage):
+            if fileno is not None:
                 os.fsync(fileno())
         storage.replace(tmp, path)
     except BaseException:

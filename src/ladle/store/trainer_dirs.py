@@ -7,8 +7,8 @@ files), the training state (`optimizer.pt`, `scheduler.pt`, `rng_state.pth`,
 logged metric by step. This module reads only those JSON files and folder
 names: `trainer_checkpoints` turns the folders into the `CheckpointInfo`
 records soup recipes choose from (so `top:5:eval_loss:min` works on a plain
-Trainer run), `TrainerOutput` presents the directory as a read-only run to
-`ladle.soup`, `ladle.members` expands it for `ladle avg`, and
+Trainer run), `ladle.store.foreign_runs.TrainerOutput` presents the directory as a read-only
+run to `ladle.soup`, `ladle.members` expands it for `ladle avg`, and
 `copy_model_files` copies what a soup needs beside its weights to load with
 `from_pretrained`.
 """
@@ -27,7 +27,7 @@ from typing import Any
 
 from ladle.errors import FormatError, RunNotFound
 from ladle.metrics import is_finite_number
-from ladle.store.run import CheckpointInfo
+from ladle.store.checkpoint import CheckpointInfo, FileRecord
 
 log = logging.getLogger("ladle")
 
@@ -121,6 +121,16 @@ def has_weights(folder: str | os.PathLike[str]) -> bool:
     return any(WEIGHT_FILE_RE.match(name) for name in os.listdir(os.fspath(folder)))
 
 
+def _sizes(folder: str) -> dict[str, FileRecord]:
+    """Sizes of a checkpoint folder's files; the Trainer records no checksums (sha256 is empty)."""
+    files = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            files[name] = FileRecord(size=os.path.getsize(path), sha256="")
+    return files
+
+
 def trainer_checkpoints(output_dir: str | os.PathLike[str]) -> list[CheckpointInfo]:
     """The checkpoints of a Trainer output directory, oldest first, with the metrics of their step.
 
@@ -152,7 +162,7 @@ def trainer_checkpoints(output_dir: str | os.PathLike[str]) -> list[CheckpointIn
                 epoch=epoch_index(state.get("epoch")),
                 time=os.path.getmtime(os.path.join(folder, TRAINER_STATE)),
                 metrics=metrics_at(state.get("log_history") or [], step),
-                files={},
+                files=_sizes(folder),
                 kind="train",
                 extra={"epoch_float": state.get("epoch"), "framework": "transformers"},
             )
@@ -164,31 +174,6 @@ def trainer_checkpoints(output_dir: str | os.PathLike[str]) -> list[CheckpointIn
         )
     found.sort(key=lambda c: (c.step, c.name))
     return [replace(c, seq=i + 1) for i, c in enumerate(found)]
-
-
-class TrainerOutput:
-    """A Trainer output directory seen as a read-only run (what `ladle.soup` chooses from).
-
-    Its checkpoints are `trainer_checkpoints(path)`; it records no monitored
-    metric (so `top:K` needs `top:K:METRIC:min|max`), and nothing can be
-    committed into it.
-    """
-
-    monitor: dict[str, str] | None = None
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.path.abspath(os.fspath(path))
-        if not os.path.isdir(self.path):
-            raise RunNotFound(f"{self.path}: no such directory; pass the Trainer's output_dir")
-
-    def checkpoints(self, kind: str | None = None) -> list[CheckpointInfo]:
-        """Its checkpoints, oldest first (all of kind "train")."""
-        if kind not in (None, "train"):
-            return []
-        return trainer_checkpoints(self.path)
-
-    def __repr__(self) -> str:
-        return f"TrainerOutput({self.path!r})"
 
 
 def is_model_file(name: str) -> bool:
@@ -219,7 +204,6 @@ __all__ = [
     "TRAINER_STATE",
     "TRAINING_FILES",
     "WEIGHT_FILE_RE",
-    "TrainerOutput",
     "checkpoint_step",
     "copy_model_files",
     "epoch_index",

@@ -10,20 +10,17 @@ because the index skips it.
 
 from __future__ import annotations
 
-import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ladle.errors import CheckpointNotFound, NotARunDirectory
-from ladle.store.run import (
-    INDEX_NAME,
-    META_NAME,
-    CheckpointInfo,
-    Run,
-    verify_checkpoint,
-)
+from ladle.store.checkpoint import CheckpointInfo, load_meta
+from ladle.store.checks import vanished, verify_checkpoint
+from ladle.store.layout import INDEX_NAME, META_NAME
+from ladle.store.run import Run
 from ladle.store.storage import storage_for
 
 # Files whose presence marks a folder as (part of) a checkpoint.
@@ -117,7 +114,10 @@ def _looks_like_checkpoint(run: Run, name: str) -> bool:
     folder = run.storage.join(run.path, name)
     if not run.storage.isdir(folder):
         return False
-    files = run.storage.listdir(folder)
+    try:
+        files = run.storage.listdir(folder)
+    except FileNotFoundError:  # deleted meanwhile
+        return False
     return META_NAME in files or any(f.endswith(_CHECKPOINT_FILES) for f in files)
 
 
@@ -127,9 +127,27 @@ def check_checkpoint(run: Run, name: str, *, load: bool = True) -> CheckpointChe
     folder = storage.join(run.path, name)
     info = next((c for c in run.checkpoints() if c.name == name), None)
     if info is None:
-        return _unlisted(run, folder, name)
+        return _unlisted(run, folder, name, load)
+    return _check_listed(run, info, load)
+
+
+def _check_listed(run: Run, info: CheckpointInfo, load: bool) -> CheckpointCheck:
+    storage, name, folder = run.storage, info.name, info.path
     problems = verify_checkpoint(storage, info, load=load)
-    on_disk = set(storage.listdir(folder)) if storage.isdir(folder) else set()
+    if not problems and vanished(storage, info):
+        # A writer's retention deleted it while it was checked: not corruption.
+        return CheckpointCheck(
+            name=name,
+            path=folder,
+            step=info.step,
+            files=len(info.files),
+            nbytes=info.size,
+            notes=[f"{folder}: deleted while it was being verified (a writer's retention); not checked"],
+        )
+    try:
+        on_disk = set(storage.listdir(folder)) if storage.isdir(folder) else set()
+    except FileNotFoundError:
+        on_disk = set(info.files)
     extra = sorted(on_disk - set(info.files) - {META_NAME})
     notes = [f"{storage.join(folder, f)}: not recorded in meta.json (not checked)" for f in extra]
     return CheckpointCheck(
@@ -143,14 +161,46 @@ def check_checkpoint(run: Run, name: str, *, load: bool = True) -> CheckpointChe
     )
 
 
-def _unlisted(run: Run, folder: str, name: str) -> CheckpointCheck:
+# What only ladle's own checkpoint folders hold: the manager's state file, LadleCheckpoint's
+# Lightning file; and its default folder name. Such a folder without meta.json is damaged.
+_LADLE_FILES = ("state.pt", "lightning.ckpt")
+_LADLE_NAME_RE = re.compile(r"^step-\d{9}(-\d+)?$")
+
+
+def _ladle_made(name: str, files: list[str]) -> bool:
+    return bool(_LADLE_NAME_RE.match(name)) or any(f in _LADLE_FILES for f in files)
+
+
+def _has_provenance(files: list[str]) -> bool:
+    names = set(files)
+    return any(f.endswith(".json") and f[: -len(".json")] in names for f in files)
+
+
+def _unlisted(run: Run, folder: str, name: str, load: bool) -> CheckpointCheck:
     """A folder that looks like a checkpoint but that the run cannot list."""
     storage = run.storage
     meta_path = storage.join(folder, META_NAME)
-    files = storage.listdir(folder)
+    try:
+        files = storage.listdir(folder)
+    except FileNotFoundError:
+        return CheckpointCheck(
+            name=name, path=folder, step=None, files=0, nbytes=0, notes=[f"{folder}: deleted meanwhile"]
+        )
     nbytes = sum(
         storage.size(storage.join(folder, f)) for f in files if storage.isfile(storage.join(folder, f))
     )
+    if not storage.isfile(meta_path) and not _ladle_made(name, files):
+        # A soup written beside the run, a Trainer checkpoint not recorded, a user's export:
+        # not ladle's, so never called damaged (nor suggested for deletion).
+        what = "a soup or average (provenance beside it)" if _has_provenance(files) else "a folder of weights"
+        return CheckpointCheck(
+            name=name,
+            path=folder,
+            step=None,
+            files=len(files),
+            nbytes=nbytes,
+            notes=[f"{folder}: {what}, not a ladle checkpoint (no meta.json); not checked"],
+        )
     if not storage.isfile(meta_path):
         problem = (
             f"{meta_path}: missing, so {name} is not a checkpoint (an interrupted save or a "
@@ -159,7 +209,9 @@ def _unlisted(run: Run, folder: str, name: str) -> CheckpointCheck:
     else:
         try:
             with storage.open(meta_path, "rb") as handle:
-                info = CheckpointInfo.from_meta(json.loads(handle.read()), folder)
+                info = load_meta(handle.read(), folder)
+            if info.name == name:  # committed after the run was opened
+                return _check_listed(run, info, load)
             problem = (
                 f"{meta_path}: names the checkpoint {info.name!r}, not {name!r}; "
                 "rename the folder back or restore its meta.json"
@@ -185,6 +237,14 @@ def verify_path(
     `load=False` only recomputes sizes and checksums. `progress(name, done, total)`
     is called before each checkpoint (the CLI draws a progress bar with it).
     """
+    plain_dcp = _plain_dcp_folders(path)
+    if plain_dcp:
+        return Verification(
+            path=os.fspath(path), checkpoints=[_check_dcp_folder(folder, load) for folder in plain_dcp]
+        )
+    foreign = _foreign_run(path)
+    if foreign is not None:
+        return Verification(path=foreign.path, checkpoints=_check_foreign(foreign, load))
     run, names = verification_targets(path)
     checks = []
     for done, name in enumerate(names):
@@ -192,3 +252,74 @@ def verify_path(
             progress(name, done, len(names))
         checks.append(check_checkpoint(run, name, load=load))
     return Verification(path=storage_for(path)[1], checkpoints=checks)
+
+
+def _plain_dcp_folders(path: str | os.PathLike[str]) -> list[str]:
+    """A DCP folder written without ladle (no meta.json), or a folder of them (torchtitan's layout)."""
+    text = os.fspath(path)
+    if "://" in text or not os.path.isdir(text) or os.path.isfile(os.path.join(text, META_NAME)):
+        return []
+    if os.path.isfile(os.path.join(text, INDEX_NAME)):
+        return []
+    # Imported only past the checks above: ladle.formats imports torch, which a ladle run never needs here.
+    from ladle.formats.dcp_metadata import is_dcp_dir
+
+    if is_dcp_dir(text):
+        return [text]
+    inside = sorted(os.path.join(text, n) for n in os.listdir(text))
+    if any(os.path.isfile(os.path.join(folder, META_NAME)) for folder in inside):
+        return []
+    return [folder for folder in inside if is_dcp_dir(folder)]
+
+
+def _check_dcp_folder(folder: str, load: bool) -> CheckpointCheck:
+    """A DCP folder has no recorded checksums: its metadata, shard extents and tensors are checked."""
+    from ladle.formats.dcp import dcp_problems, folder_step
+    from ladle.formats.dcp_metadata import shard_files
+
+    files = [os.path.join(folder, ".metadata"), *shard_files(folder)]
+    return CheckpointCheck(
+        name=os.path.basename(os.path.normpath(folder)),
+        path=folder,
+        step=folder_step(folder),
+        files=len(files),
+        nbytes=sum(os.path.getsize(f) for f in files),
+        problems=dcp_problems(folder, load=load),
+        notes=[f"{folder}: a DCP folder without meta.json (no checksums); shards and tensors checked"],
+    )
+
+
+def _foreign_run(path: str | os.PathLike[str]) -> Any:
+    """A Trainer, Lightning or timm output folder that is not a ladle run, else None."""
+    from ladle.store.foreign_runs import ForeignRun, foreign_tool
+
+    text = os.fspath(path)
+    if "://" in text or not os.path.isdir(text) or os.path.isfile(os.path.join(text, META_NAME)):
+        return None
+    if os.path.isfile(os.path.join(text, INDEX_NAME)) or foreign_tool(text) is None:
+        return None
+    try:
+        if any(os.path.isfile(os.path.join(text, n, META_NAME)) for n in os.listdir(text)):
+            return None  # a ladle run (a Trainer folder recorded in place by LadleCallback)
+    except OSError:
+        return None
+    return ForeignRun(text)
+
+
+def _check_foreign(run: Any, load: bool) -> list[CheckpointCheck]:
+    """Another tool's checkpoints: no checksums exist, so their weights are parsed (never called
+    damaged for lacking ladle's meta.json)."""
+    from ladle.store.foreign_runs import verify_foreign
+
+    return [
+        CheckpointCheck(
+            name=check.info.name,
+            path=check.info.path,
+            step=check.info.step,
+            files=len(check.info.files),
+            nbytes=check.info.size,
+            problems=check.problems,
+            notes=check.notes,
+        )
+        for check in verify_foreign(run, load=load)
+    ]

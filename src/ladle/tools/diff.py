@@ -9,6 +9,7 @@ sit in memory at once and the distances do not lose precision.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -177,10 +178,13 @@ def diff_sources(
         only_b=[k for k in keys_b if k not in set_a],
         atol=float(atol),
     )
+    batch: list[tuple[dict[str, Any], bytes, bytes]] = []
     for key in keys_a:
         if key not in set_b:
             continue
         info_a, info_b = a.info(key), b.info(key)
+        if batch and _dtype(info_a.dtype) != batch[0][0]["dtype_a"]:
+            _measure_batch(batch, _DTYPES[batch[0][0]["dtype_a"]], result, atol)
         shape_a, shape_b = tuple(info_a.shape), tuple(info_b.shape)
         names = {
             "name": key,
@@ -192,6 +196,19 @@ def diff_sources(
         if shape_a != shape_b:
             result.shape_changes.append(TensorChange(**names))
             continue
+        if info_a.dtype == info_b.dtype and _batchable(info_a.dtype):
+            # Small tensors (a model of 100,000 of them): compare stored bytes, and
+            # measure the changed ones together, instead of building tensors per pair.
+            bytes_a = a.small_bytes(key, _SMALL_BYTES)
+            bytes_b = b.small_bytes(key, _SMALL_BYTES) if bytes_a is not None else None
+            if bytes_a is not None and bytes_b is not None:
+                if bytes_a == bytes_b:
+                    result.identical += 1
+                else:
+                    batch.append((names, bytes_a, bytes_b))
+                    if len(batch) >= _BATCH:
+                        _measure_batch(batch, info_a.dtype, result, atol)
+                continue
         ta, tb = a.tensor(key), b.tensor(key)
         try:
             if info_a.dtype == info_b.dtype and _bitwise_equal(ta, tb):
@@ -209,9 +226,47 @@ def diff_sources(
             result.identical += 1
         else:
             result.value_changes.append(change)
+    if batch:
+        _measure_batch(batch, _DTYPES[batch[0][0]["dtype_a"]], result, atol)
     result.value_changes.sort(key=_sort_key(order))
     result.dtype_changes.sort(key=_sort_key(order))
     return result
+
+
+_SMALL_BYTES = 1 << 16  # tensors up to this size are compared by their bytes, in batches
+_BATCH = 4096  # changed small tensors measured together
+_DTYPES = {
+    _name: _value
+    for _name, _value in ((str(d).replace("torch.", ""), d) for d in vars(torch).values())
+    if isinstance(_value, torch.dtype)
+}
+
+
+def _batchable(dtype: torch.dtype) -> bool:
+    return not dtype.is_complex and dtype.itemsize > 0
+
+
+def _measure_batch(
+    batch: list[tuple[dict[str, Any], bytes, bytes]], dtype: torch.dtype, result: Diff, atol: float
+) -> None:
+    """`distance()` of many small same-dtype pairs at once (per-pair sums by segment)."""
+    lengths = torch.tensor([len(raw_a) // dtype.itemsize for _, raw_a, _ in batch])
+    flat_a = torch.frombuffer(bytearray(b"".join(r for _, r, _ in batch)), dtype=dtype).to(torch.float64)
+    flat_b = torch.frombuffer(bytearray(b"".join(r for _, _, r in batch)), dtype=dtype).to(torch.float64)
+    segment = torch.repeat_interleave(torch.arange(len(batch)), lengths)
+    delta = (flat_b - flat_a).abs()
+    zeros = torch.zeros(len(batch), dtype=torch.float64)
+    diff_sq = zeros.index_add(0, segment, delta.square()).tolist()
+    norm_sq = zeros.index_add(0, segment, flat_a.square()).tolist()
+    max_abs = zeros.scatter_reduce(0, segment, delta, "amax").tolist()
+    for (names, _, _), d2, n2, largest in zip(batch, diff_sq, norm_sq, max_abs, strict=True):
+        l2 = math.sqrt(d2)
+        relative = l2 / math.sqrt(n2) if n2 > 0 else (0.0 if l2 == 0 else math.inf)
+        if atol > 0 and largest <= atol:
+            result.identical += 1
+        else:
+            result.value_changes.append(TensorChange(**names, l2=l2, relative=relative, max_abs=largest))
+    batch.clear()
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -235,7 +290,10 @@ def distance(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
         diff_sq += float(delta.square().sum())
         norm_sq += float(ca.abs().square().sum())
         if delta.numel():
-            max_abs = max(max_abs, float(delta.max()))
+            # torch's max propagates NaN; Python's max(0.0, nan) would hide it, so keep it explicitly.
+            largest = float(delta.max())
+            if not math.isnan(max_abs) and (math.isnan(largest) or largest > max_abs):
+                max_abs = largest
     l2 = math.sqrt(diff_sq)
     if norm_sq > 0:
         relative = l2 / math.sqrt(norm_sq)
@@ -250,6 +308,7 @@ def _as_float64(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64)
 
 
+@functools.cache
 def _dtype(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 

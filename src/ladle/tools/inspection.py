@@ -6,49 +6,50 @@ dtype, bytes), element counts, sizes, and for training checkpoints which
 training state they hold (optimizer, scheduler, RNG, EMA, ...). Tensor data is
 never read, only headers and pickle structure, so inspecting a 10 GB file is
 instant. Nothing from a file runs: pickles load with `weights_only=True`; one
-that needs more is described from its structure (`ladle.pickle_scan`) and the
-user is told it needs `--trust`.
+that needs more is described from its structure (`ladle.state.pickle_scan`) and the
+user is told it needs `--trust`. The training state of each layout is found by
+`ladle.tools.inspection_state`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from ladle.errors import CheckpointNotFound, CorruptCheckpoint, FormatError, UnsafeLoad
+from ladle.errors import CheckpointNotFound, CorruptCheckpoint, UnsafeLoad
 from ladle.formats import load_source
+from ladle.formats.safe_globals import safe_global_names
+from ladle.metrics import json_value
 from ladle.state.contents import (
     StateItem,
     StateKind,
     count_tensors,
-    describe_ladle_state,
     describe_training_dict,
-    format_count,
     opaque_name,
-    summarize,
 )
 from ladle.state.pickle_scan import Opaque, scan_pickle
+from ladle.store.checkpoint import load_meta
+from ladle.store.layout import META_NAME
+from ladle.store.paths import (
+    local_copy,
+    path_exists,
+    path_file_sizes,
+    path_isdir,
+    path_isfile,
+    path_size,
+    read_path,
+)
 from ladle.store.refs import is_run_dir, resolve_checkpoint
-from ladle.store.run import META_NAME, CheckpointInfo, Run
-
-log = logging.getLogger("ladle")
-
-_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl", ".pickle")
-# Files of a transformers Trainer checkpoint folder and what they hold.
-_TRAINER_FILES = {
-    "optimizer": StateKind.OPTIMIZER,
-    "scheduler": StateKind.SCHEDULER,
-    "scaler": StateKind.GRAD_SCALER,
-    "rng_state": StateKind.RNG,
-    "training_args": StateKind.CONFIG,
-}
+from ladle.store.run import Run
+from ladle.store.storage import is_url, local_path_of
+from ladle.tools.inspection_state import (
+    PICKLE_SUFFIXES,
+    ladle_state_items,
+    pickle_state,
+    trainer_folder_state,
+)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -171,8 +172,9 @@ def inspect_checkpoint(
     in a ladle checkpoint, a nested key in a pickle); `trust=True` allows full
     unpickling of pickles that hold more than tensors (that runs code from the file).
     """
-    text = os.path.abspath(resolve_checkpoint(path))
-    if not os.path.exists(text):
+    text = resolve_checkpoint(path)
+    text = text if is_url(text) else os.path.abspath(local_path_of(text))
+    if not path_exists(text):
         raise CheckpointNotFound(f"{text}: no such file or directory")
     notes: list[str] = []
     if is_run_dir(text):
@@ -218,37 +220,39 @@ def inspect_checkpoint(
     )
     if fmt == "ladle":
         _add_ladle_checkpoint(result, text)
-    elif os.path.isdir(text):
+    elif path_isdir(text):
         result.files = _dir_files(text)
-        result.training_state = _trainer_folder_state(text, trust)
-    elif text.lower().endswith(_PICKLE_SUFFIXES) or fmt == "torch":
-        result.training_state = _pickle_state(text, trust)
+        if not is_url(text):
+            result.training_state = trainer_folder_state(text, trust)
+    elif text.lower().endswith(PICKLE_SUFFIXES) or fmt == "torch":
+        with local_copy(text) as local:
+            result.training_state = pickle_state(local, trust)
+        _note_weight_sets(result)
     result.file_bytes = sum(result.files.values()) if result.files else _size(text)
     return result
 
 
+def _note_weight_sets(result: Inspection) -> None:
+    """Name the weight sets of a training pickle (raw, EMA) and how to choose each."""
+    raw = [i.name for i in result.training_state if i.kind == StateKind.WEIGHTS]
+    ema = [i.name for i in result.training_state if i.kind == StateKind.EMA]
+    if raw and ema:
+        result.notes.append(
+            f"weight sets: {', '.join(raw)} (read by default), {', '.join(ema)} (EMA: --ema, key='ema')"
+        )
+
+
 def _size(path: str) -> int:
-    return os.path.getsize(path) if os.path.isfile(path) else sum(_dir_files(path).values())
+    return path_size(path) if path_isfile(path) else sum(_dir_files(path).values())
 
 
 def _dir_files(path: str) -> dict[str, int]:
-    out = {}
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            full = os.path.join(root, name)
-            out[os.path.relpath(full, path)] = os.path.getsize(full)
-    return dict(sorted(out.items()))
+    return path_file_sizes(path)
 
 
 def _plain(value: Any) -> Any:
-    """Metadata as JSON values (tensors and other objects become text)."""
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        if isinstance(value, dict):
-            return {str(k): _plain(v) for k, v in value.items()}
-        return str(value)
+    """Metadata as strict JSON values (non-finite numbers as "nan"/"inf", objects as text)."""
+    return json_value(value)
 
 
 # -- ladle checkpoints -------------------------------------------------------------
@@ -257,8 +261,7 @@ def _plain(value: Any) -> Any:
 def _add_ladle_checkpoint(result: Inspection, path: str) -> None:
     meta_path = os.path.join(path, META_NAME)
     try:
-        with open(meta_path, "rb") as handle:
-            info = CheckpointInfo.from_meta(json.load(handle), path)
+        info = load_meta(read_path(meta_path), path)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CorruptCheckpoint(
             f"{meta_path}: unreadable meta.json ({exc}); run `ladle verify` on the run"
@@ -274,84 +277,22 @@ def _add_ladle_checkpoint(result: Inspection, path: str) -> None:
         "monitor": info.monitor,
     }
     result.files = {name: record.size for name, record in sorted(info.files.items())}
-    result.files[META_NAME] = os.path.getsize(meta_path)
-    items: list[StateItem] = []
-    for filename in sorted(info.files):
-        if filename.endswith(".safetensors"):
-            items.append(_weights_file_item(path, filename))
-    if "state.pt" in info.files:
-        state_path = os.path.join(path, "state.pt")
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
-        except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise CorruptCheckpoint(
-                f"{state_path}: cannot be read ({first}); run `ladle verify` on the run"
-            ) from None
-        if isinstance(state, dict):
-            items.extend(describe_ladle_state(state))
-    result.training_state = items
-
-
-def _weights_file_item(path: str, filename: str) -> StateItem:
-    name = filename[: -len(".safetensors")]
-    with load_source(path, key=name) as source:
-        ties = source.ties()
-        infos = [source.info(k) for k in source if k not in ties]
-    numel = sum(int(i.shape.numel()) for i in infos)
-    nbytes = sum(int(i.shape.numel()) * i.dtype.itemsize for i in infos)
-    dtypes = sorted({str(i.dtype).replace("torch.", "") for i in infos})
-    kind = StateKind.EMA if name == "ema" else StateKind.WEIGHTS
-    label = "EMA weights" if name == "ema" else f"weights of {name!r}"
-    return StateItem(
-        name=filename,
-        kind=kind,
-        summary=f"{label}: {len(infos)} tensors, {format_count(numel)} elements ({', '.join(dtypes) or '?'})",
-        tensors=len(infos),
-        nbytes=nbytes,
-    )
-
-
-# -- pickles -------------------------------------------------------------------------
-
-
-def _load_weights_only(path: str) -> Any:
-    """The object in a torch pickle, loaded without running code; raises UnsafeLoad."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
-    except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc):
-            raise UnsafeLoad(f"{path}: needs full unpickling") from None
-        raise FormatError(f"{path}: not a readable torch checkpoint ({exc})") from None
-    except (RuntimeError, EOFError, ValueError) as exc:
-        raise FormatError(f"{path}: not a readable torch checkpoint ({exc})") from None
-
-
-def _is_zip(path: str) -> bool:
-    import zipfile
-
-    return zipfile.is_zipfile(path)
-
-
-def _pickle_state(path: str, trust: bool) -> list[StateItem]:
-    try:
-        obj = _load_weights_only(path)
-    except UnsafeLoad:
-        if not trust:
-            return describe_training_dict(scan_pickle(path).obj)
-        log.warning("%s: fully unpickling (trusted)", path)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    return describe_training_dict(obj)
+    result.files[META_NAME] = path_size(meta_path)
+    result.training_state = ladle_state_items(path, info)
 
 
 def _unsafe_pickle(path: str, exc: UnsafeLoad, notes: list[str]) -> Inspection:
     """A pickle weights-only loading refuses: describe its structure, list no tensors."""
     scan = scan_pickle(path)
-    classes = ", ".join(scan.globals[:6]) + (", ..." if len(scan.globals) > 6 else "")
-    notes.append(
-        f"needs --trust to list its tensors: the pickle names {classes or 'unknown classes'}, "
-        "and loading it would run code from the file; pass --trust only for files you trust"
-    )
+    unsafe = [name for name in scan.globals if name not in safe_global_names()]
+    classes = ", ".join(unsafe[:6]) + (", ..." if len(unsafe) > 6 else "")
+    if "plain pickle" in str(exc):
+        notes.append("a plain pickle (pickle.dump), not a file torch.save wrote: its structure is shown")
+    else:
+        notes.append(
+            f"needs --trust to list its tensors: the pickle names {classes or 'unknown classes'}, "
+            "and loading it would run code from the file; pass --trust only for files you trust"
+        )
     obj = scan.obj
     if isinstance(obj, Opaque):
         state = [
@@ -374,47 +315,3 @@ def _unsafe_pickle(path: str, exc: UnsafeLoad, notes: list[str]) -> Inspection:
         training_state=state,
         notes=notes,
     )
-
-
-def _trainer_folder_state(path: str, trust: bool) -> list[StateItem]:
-    """Training state files beside the weights (a transformers Trainer checkpoint)."""
-    items: list[StateItem] = []
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        stem = name.split(".", 1)[0]
-        if not os.path.isfile(full):
-            continue
-        if name == "trainer_state.json":
-            items.append(_trainer_json(full))
-            continue
-        kind = next((k for prefix, k in _TRAINER_FILES.items() if stem.startswith(prefix)), None)
-        if kind is None or not name.endswith(_PICKLE_SUFFIXES):
-            continue
-        try:
-            obj = _load_weights_only(full)
-        except UnsafeLoad:
-            obj = scan_pickle(full).obj if not trust else torch.load(full, weights_only=False)
-        except FormatError as exc:
-            items.append(StateItem(name=name, kind=kind, summary=f"unreadable: {exc}"))
-            continue
-        count, nbytes = count_tensors(obj)
-        items.append(
-            StateItem(name=name, kind=kind, summary=summarize(kind, obj), tensors=count, nbytes=nbytes)
-        )
-    return items
-
-
-def _trainer_json(path: str) -> StateItem:
-    try:
-        with open(path, "rb") as handle:
-            state = json.load(handle)
-        summary = f"global_step {state.get('global_step')}, epoch {state.get('epoch')}"
-        history = state.get("log_history") or []
-        if history:
-            summary += f", {len(history)} log records"
-        best = state.get("best_metric")
-        if best is not None:
-            summary += f", best metric {best}"
-    except (OSError, ValueError, AttributeError) as exc:
-        summary = f"unreadable: {exc}"
-    return StateItem(name=os.path.basename(path), kind=StateKind.COUNTER, summary=summary)

@@ -14,8 +14,10 @@ the run monitors `val_loss`), the best one with a star and a dotted line, and
 a strip under the panels shows which checkpoints each recipe (or soup file)
 takes.
 
-matplotlib is an optional extra (`pip install ladle[plot]`); it is imported
-only when a report is drawn, and drawn without pyplot's global state.
+The data drawn (history series, panels, x axis, recipe members) is gathered by
+`ladle.tools.report_data`; this module draws it. matplotlib is an optional extra
+(`pip install ladle[plot]`); it is imported only when a report is drawn, and drawn
+without pyplot's global state.
 """
 
 from __future__ import annotations
@@ -30,137 +32,20 @@ from typing import Any
 
 from ladle.errors import ConfigError, MissingDependency
 from ladle.metrics import is_finite_number
-from ladle.store.history import read_history
-from ladle.store.run import CheckpointInfo, Run
+from ladle.store.checkpoint import CheckpointInfo
+from ladle.store.run import Run
+from ladle.tools.report_data import (
+    Marked,
+    Point,
+    XAxis,
+    choose_metrics,
+    load_history,
+    recipe_members,
+    series_of,
+    split_name,
+)
 
 log = logging.getLogger("ladle")
-
-X_AXES = ("step", "epoch", "time")
-_VARIANT_TOKENS = ("train", "training", "val", "valid", "validation", "eval", "dev", "test", "ema")
-_SEPARATORS = re.compile(r"[_/.\-]")
-
-
-# -- reading the history -----------------------------------------------------------------------------
-
-
-@dataclass(kw_only=True, frozen=True)
-class Point:
-    """One recorded value."""
-
-    step: int
-    epoch: int | None
-    time: float
-    value: float
-    per_step: bool
-    """Recorded by `manager.step()` (True) or at an epoch end / save (False)."""
-
-
-def load_history(run: Run) -> list[dict[str, Any]]:
-    """The run's metrics history, oldest first, from the run's `history.jsonl`.
-
-    Without one (runs written by other tools), each checkpoint's recorded
-    metrics stand in, as epoch-level records.
-    """
-    records = [r for r in read_history(run) if isinstance(r.get("metrics"), dict)]
-    if records:
-        return records
-    return [
-        {"kind": "epoch", "step": c.step, "epoch": c.epoch, "time": c.time, "metrics": dict(c.metrics)}
-        for c in run.checkpoints(kind="train")
-    ]
-
-
-def series_of(history: Sequence[Mapping[str, Any]]) -> dict[str, list[Point]]:
-    """Every finite numeric value of every metric, by metric name, in step order."""
-    found: dict[str, list[Point]] = {}
-    for record in history:
-        per_step = record.get("kind") == "step"
-        for name, value in record["metrics"].items():
-            if not is_finite_number(value):
-                continue
-            found.setdefault(str(name), []).append(
-                Point(
-                    step=int(record.get("step") or 0),
-                    epoch=record.get("epoch"),
-                    time=float(record.get("time") or 0.0),
-                    value=float(value),
-                    per_step=per_step,
-                )
-            )
-    for points in found.values():
-        points.sort(key=lambda p: (p.step, p.time))
-    return found
-
-
-def split_name(metric: str) -> tuple[str, str]:
-    """(panel, variant): `val_ema_nll` -> ("nll", "val_ema"); `loss` -> ("loss", "")."""
-    tokens = [t for t in _SEPARATORS.split(metric) if t]
-    variant = [t for t in tokens if t.lower() in _VARIANT_TOKENS]
-    rest = [t for t in tokens if t.lower() not in _VARIANT_TOKENS]
-    if not rest:  # a metric named only "val" or "train": keep it whole
-        return metric, ""
-    return "_".join(rest), "_".join(variant)
-
-
-# -- what to mark ------------------------------------------------------------------------------------
-
-
-@dataclass(kw_only=True, frozen=True)
-class Marked:
-    """A recipe (or soup file) and the checkpoints it takes."""
-
-    label: str
-    members: list[CheckpointInfo]
-
-
-def recipe_members(run: Run, spec: str) -> Marked:
-    """The members of a recipe string, or of a soup file (read from its provenance)."""
-    if os.path.isfile(spec):
-        return _soup_file_members(run, spec)
-    from ladle.averaging.recipes import parse_recipe
-    from ladle.averaging.soups import select
-
-    recipe = parse_recipe(spec)
-    if recipe.select.needs_evaluate:
-        raise ConfigError(
-            f"recipe {recipe} needs an evaluation to choose its members; pass the soup file it wrote "
-            "instead (its provenance lists the members)"
-        )
-    parsed, chosen = select(run, recipe)
-    return Marked(label=str(parsed), members=chosen)
-
-
-def _soup_file_members(run: Run, path: str) -> Marked:
-    from ladle.averaging.engine import read_provenance
-
-    try:
-        record = read_provenance(path)
-    except Exception as exc:  # not a safetensors file, unreadable header...
-        raise ConfigError(
-            f"{path}: cannot read its provenance ({exc}); pass a recipe or a soup file"
-        ) from None
-    if not record or not isinstance(record.get("members"), list):
-        raise ConfigError(f"{path}: holds no soup provenance; pass a recipe or a soup file written by ladle")
-    names = [m.get("name") for m in record["members"]]
-    known = {c.name: c for c in run.checkpoints()}
-    # A member is this run's checkpoint when the name exists here and, where the soup
-    # recorded a checksum, one of the checkpoint's files has it (another run reuses names).
-    missing = [
-        str(m.get("name"))
-        for m in record["members"]
-        if m.get("name") not in known
-        or (m.get("sha256") and m["sha256"] not in {f.sha256 for f in known[m["name"]].files.values()})
-    ]
-    if missing:
-        raise ConfigError(
-            f"{path}: its members {', '.join(missing[:4])} are not checkpoints of {run.path}; "
-            "pass the soup's own run"
-        )
-    recipe = str(record.get("recipe") or os.path.basename(path))
-    return Marked(label=recipe, members=[known[str(n)] for n in names])
-
-
-# -- drawing -----------------------------------------------------------------------------------------
 
 
 @dataclass(kw_only=True)
@@ -196,59 +81,6 @@ def _matplotlib() -> Any:
     except ImportError:
         raise MissingDependency("drawing a report needs matplotlib: pip install 'ladle[plot]'") from None
     return matplotlib
-
-
-class _XAxis:
-    """Maps a step (or a time) to the chosen x coordinate."""
-
-    def __init__(self, kind: str, history: Sequence[Mapping[str, Any]]) -> None:
-        if kind not in X_AXES:
-            raise ConfigError(f"x={kind!r} is not known; use one of {', '.join(X_AXES)}")
-        self.kind = kind
-        # Epoch e ends at the step of its epoch-level record: x = e + 1 epochs completed there.
-        ends: dict[int, int] = {}
-        for record in history:
-            if record.get("kind") != "step" and record.get("epoch") is not None:
-                ends[int(record["epoch"])] = max(ends.get(int(record["epoch"]), 0), int(record["step"]))
-        points = [(0, 0.0)]
-        for epoch, step in sorted(ends.items()):
-            # Only strictly increasing points: the map must be invertible.
-            if step > points[-1][0] and epoch + 1.0 > points[-1][1]:
-                points.append((step, epoch + 1.0))
-        self.epoch_steps = points
-        times = [float(r["time"]) for r in history if r.get("time")]
-        self.t0 = min(times) if times else 0.0
-        span = (max(times) - self.t0) if times else 0.0
-        self.time_unit, self.time_scale = (
-            ("seconds", 1.0) if span < 180 else ("minutes", 60.0) if span < 3 * 3600 else ("hours", 3600.0)
-        )
-        if kind == "epoch" and len(self.epoch_steps) < 2:
-            raise ConfigError("the run records no epoch ends; draw it with --x step or --x time")
-
-    @property
-    def label(self) -> str:
-        if self.kind == "epoch":
-            return "epochs completed"
-        if self.kind == "time":
-            return f"wall time ({self.time_unit})"
-        return "step"
-
-    def epochs_at(self, step: float) -> float:
-        """Epochs completed at `step`, interpolated between epoch ends."""
-        steps, epochs = zip(*self.epoch_steps, strict=True)
-        return _piecewise(steps, epochs, step)
-
-    def step_at(self, epoch: float) -> float:
-        """The inverse of `epochs_at`."""
-        steps, epochs = zip(*self.epoch_steps, strict=True)
-        return _piecewise(epochs, steps, epoch)
-
-    def of(self, step: int, when: float) -> float:
-        if self.kind == "epoch":
-            return self.epochs_at(step)
-        if self.kind == "time":
-            return (when - self.t0) / self.time_scale
-        return float(step)
 
 
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -301,9 +133,9 @@ def plot_run(
         raise ConfigError(
             f"{the_run.path}: no metrics recorded yet; pass metrics= to manager.step()/epoch_end()"
         )
-    chosen = _choose(all_series, metrics)
+    chosen = choose_metrics(all_series, metrics)
     marked = [recipe_members(the_run, spec) for spec in recipes]
-    axis = _XAxis(x, history)
+    axis = XAxis(x, history)
     checkpoints = the_run.checkpoints(kind="train")
     monitor = the_run.monitor
     best = the_run.best() if monitor else None
@@ -379,11 +211,15 @@ def plot_run(
 
 
 def _output_path(output: str | os.PathLike[str]) -> str:
-    """The absolute output path, checked before any work: a known image suffix, an existing folder."""
-    text = os.path.abspath(os.fspath(output))
+    """The absolute output path (or URL), checked before any work: a known image suffix, an
+    existing folder (a URL's is made on upload)."""
+    from ladle.formats.write import output_location
+    from ladle.store.storage import is_url
+
+    text = output_location(output)
     if os.path.splitext(text)[1].lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError(f"{text}: write the report as .png, .svg or .pdf")
-    if not os.path.isdir(os.path.dirname(text)):
+    if not is_url(text) and not os.path.isdir(os.path.dirname(text)):
         raise ConfigError(f"{text}: the folder {os.path.dirname(text)} does not exist; create it first")
     return text
 
@@ -402,7 +238,7 @@ def _panels(chosen: Sequence[str], monitor: Mapping[str, str] | None) -> dict[st
     return {p: sorted(names, key=lambda n: rank[split_name(n)[1]]) for p, names in panels.items()}
 
 
-def _draw_series(ax: Any, axis: _XAxis, points: Sequence[Point], label: str, color: str) -> list[Any]:
+def _draw_series(ax: Any, axis: XAxis, points: Sequence[Point], label: str, color: str) -> list[Any]:
     """One metric's curves: per-step values thin (faint when per-epoch values exist too), per-epoch bold."""
     steps = [p for p in points if p.per_step]
     epochs = [p for p in points if not p.per_step]
@@ -429,27 +265,9 @@ def _draw_series(ax: Any, axis: _XAxis, points: Sequence[Point], label: str, col
     return handles
 
 
-def _choose(all_series: Mapping[str, list[Point]], metrics: Sequence[str] | None) -> list[str]:
-    names = list(all_series)
-    if not metrics:
-        return names
-    chosen: list[str] = []
-    unknown = []
-    for wanted in metrics:
-        matches = [n for n in names if n == wanted or split_name(n)[0] == wanted]
-        if not matches:
-            unknown.append(wanted)
-        chosen.extend(m for m in matches if m not in chosen)
-    if unknown:
-        raise ConfigError(
-            f"no recorded metric {', '.join(map(repr, unknown))}; the run records {', '.join(names)}"
-        )
-    return chosen
-
-
 def _mark_checkpoints(
     ax: Any,
-    axis: _XAxis,
+    axis: XAxis,
     checkpoints: Sequence[CheckpointInfo],
     metric: str,
     best: CheckpointInfo | None,
@@ -489,7 +307,7 @@ def _mark_checkpoints(
 
 def _draw_strip(
     ax: Any,
-    axis: _XAxis,
+    axis: XAxis,
     checkpoints: Sequence[CheckpointInfo],
     best: CheckpointInfo | None,
     monitor: Mapping[str, str] | None,
@@ -558,23 +376,6 @@ def _vectorized(func: Any) -> Any:
     import numpy as np
 
     return lambda values: np.vectorize(func, otypes=[float])(values)
-
-
-def _piecewise(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
-    """Linear interpolation through (xs, ys), extended linearly past both ends.
-
-    Extending (instead of clamping, as `numpy.interp` does) keeps the map
-    invertible over the whole axis, which a secondary axis needs to line up.
-    """
-    import numpy as np
-
-    if len(xs) < 2:
-        return float(x)
-    if x < xs[0]:
-        return float(ys[0] + (x - xs[0]) * (ys[1] - ys[0]) / (xs[1] - xs[0]))
-    if x > xs[-1]:
-        return float(ys[-1] + (x - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
-    return float(np.interp(x, xs, ys))
 
 
 def _short(value: Any) -> str:

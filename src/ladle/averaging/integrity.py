@@ -1,0 +1,288 @@
+"""Checksums of what an average actually read, taken in the same read.
+
+The engine reads every byte of every member anyway; hashing them in a second
+pass would read them all again. Instead each block the engine reads (with
+`preadv`, into a buffer of a small ring) is handed, with its place in the file,
+to a hashing thread (hashlib releases the GIL), while the engine goes on with
+the next block. A file's sha256 is fed in file order: bytes the engine never
+reads (headers, integer tensors a policy skips, keys left out) are read from
+the file to fill the gap, and a block read again out of order is already
+hashed. When every key is done, the rest of each file is hashed and each
+checksum is compared with the one its run recorded in `meta.json`: a member
+whose bytes changed since it was saved is named (`CorruptCheckpoint`), and the
+provenance records the checksums of the bytes actually read.
+
+Members whose reader cannot say where a tensor lies in its file (legacy
+pickles, tensors made in memory) are hashed whole at the end; in-memory state
+dicts have no file and no checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from ladle.averaging.members import Member
+from ladle.errors import CorruptCheckpoint
+from ladle.formats.source import TensorSource
+from ladle.store.paths import open_ranged, path_isfile
+from ladle.store.ranged import RangedFile
+
+log = logging.getLogger("ladle")
+
+_GAP_CHUNK = 4 << 20
+"""Bytes read at a time when filling a gap the engine did not read."""
+
+
+class FileHasher:
+    """The sha256 of one file, fed with blocks read elsewhere; gaps are read from the file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._digest = hashlib.sha256()
+        self._pos = 0
+        self._reader: RangedFile | None = None  # local file or object on a store (ranged reads)
+
+    def feed(self, offset: int, data: memoryview) -> None:
+        """Bytes [offset, offset + len(data)) of the file, as read."""
+        end = offset + len(data)
+        if end <= self._pos:
+            return  # read again out of order: already hashed
+        if offset > self._pos:
+            self._fill(offset)
+        self._digest.update(data[self._pos - offset :])
+        self._pos = end
+
+    def _fill(self, upto: int | None) -> None:
+        if self._reader is None:
+            self._reader = open_ranged(self.path)
+        while upto is None or self._pos < upto:
+            want = _GAP_CHUNK if upto is None else min(_GAP_CHUNK, upto - self._pos)
+            chunk = self._reader.read(self._pos, want)
+            if not chunk:
+                break
+            self._digest.update(chunk)
+            self._pos += len(chunk)
+
+    def finish(self) -> str:
+        """Hash the rest of the file; the hex digest of everything."""
+        try:
+            self._fill(None)
+        finally:
+            self.close()
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One backing file whose bytes differ from its recorded checksum."""
+
+    member: Member | None
+    """The member it backs (None for a source read outside an average)."""
+    file: str
+    recorded: str
+    read: str
+
+    def message(self) -> str:
+        return (
+            f"{self.file}: the bytes read hash to sha256 {self.read[:12]}… but its meta.json recorded "
+            f"{self.recorded[:12]}…; the file changed after it was saved: restore it, or leave it out "
+            "(skip_corrupt=True, --skip-corrupt)"
+        )
+
+
+def corrupt_error(mismatches: Sequence[Mismatch]) -> CorruptCheckpoint:
+    """One line naming the first corrupted file (and how many more there are)."""
+    more = f" (and {len(mismatches) - 1} more corrupted file(s))" if len(mismatches) > 1 else ""
+    return CorruptCheckpoint(mismatches[0].message() + more)
+
+
+class StreamHasher:
+    """Hashes members while the engine reads them; `finish()` checks them.
+
+    The engine asks `buffer()` for where to read each block, then hands the
+    block over with `feed()`. Buffers form a ring: one is reused only once its
+    block is hashed. Each member is hashed by one thread (its blocks must be
+    hashed in order); members are spread over `threads` threads.
+    """
+
+    def __init__(self, members: Sequence[Member], block_bytes: int, *, threads: int | None = None) -> None:
+        self.members = list(members)
+        count = threads or min(len(self.members), max(1, (os.cpu_count() or 1)))
+        self._pools = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ladle-hash") for _ in range(max(1, count))
+        ]
+        self._hashers: list[dict[str, FileHasher]] = [
+            {path: FileHasher(path) for path in m.source.files if path_isfile(path)} for m in self.members
+        ]
+        self._spans: list[dict[str, tuple[str, int] | None]] = [{} for _ in self.members]
+        # Enough buffers that the engine rarely waits: a few per hashing thread.
+        self._ring = [torch.empty(block_bytes, dtype=torch.uint8) for _ in range(4 * len(self._pools) + 2)]
+        self._busy: list[Future[None] | None] = [None] * len(self._ring)
+        self._turn = 0
+        self._last: list[Future[None] | None] = [None] * len(self.members)
+
+    def buffer(self) -> torch.Tensor:
+        """The next free buffer of the ring (waits until its previous block is hashed)."""
+        self._turn = (self._turn + 1) % len(self._ring)
+        pending = self._busy[self._turn]
+        if pending is not None:
+            pending.result()
+            self._busy[self._turn] = None
+        return self._ring[self._turn]
+
+    def _span(self, index: int, key: str) -> tuple[str, int] | None:
+        spans = self._spans[index]
+        if key not in spans:
+            found = self.members[index].source.span(key)
+            spans[key] = found if found is not None and found[0] in self._hashers[index] else None
+        return spans[key]
+
+    def feed(self, index: int, key: str, byte_start: int, block: torch.Tensor) -> None:
+        """Member `index` read `block` (in the current buffer) at byte `byte_start` of `key`."""
+        span = self._span(index, key)
+        if span is None:
+            return
+        path, offset = span
+        data = memoryview(block.reshape(-1).view(torch.uint8).numpy())
+        hasher = self._hashers[index][path]
+        future = self._pools[index % len(self._pools)].submit(hasher.feed, offset + byte_start, data)
+        self._busy[self._turn] = future
+        self._last[index] = future
+
+    def finish(self) -> list[Mismatch]:
+        """Hash what is left of every file, record the checksums read, and list the mismatches."""
+        futures = {
+            (i, path): self._pools[i % len(self._pools)].submit(hasher.finish)
+            for i, hashers in enumerate(self._hashers)
+            for path, hasher in hashers.items()
+        }
+        digests = {where: future.result() for where, future in futures.items()}
+        self.close()
+        mismatches: list[Mismatch] = []
+        for i, member in enumerate(self.members):
+            files = list(self._hashers[i])
+            if not files:
+                continue
+            read = {path: digests[(i, path)] for path in files}
+            recorded = _recorded(member, files)
+            for path in files:
+                expected = recorded.get(path)
+                if expected is not None and expected != read[path]:
+                    mismatches.append(Mismatch(member, path, expected, read[path]))
+            member.set_read_hashes(read)
+        return mismatches
+
+    def close(self) -> None:
+        """Stop the hashing threads (idempotent); open files are closed."""
+        for pool in self._pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for hashers in self._hashers:
+            for hasher in hashers.values():
+                hasher.close()
+
+
+def _recorded(member: Member, files: Sequence[str]) -> dict[str, str]:
+    """The checksums a run recorded for a member's files, by path."""
+    if len(member.source.files) == 1 and member.recorded_sha256:
+        return {member.source.files[0]: member.recorded_sha256}
+    by_name = member.recorded_file_hashes
+    return {path: by_name[os.path.basename(path)] for path in files if os.path.basename(path) in by_name}
+
+
+class VerifiedReader:
+    """Reads whole tensors of one source (export, inspection of values) and hashes the bytes
+    on the way; `check()` then refuses a file whose bytes differ from its recorded sha256."""
+
+    def __init__(self, source: TensorSource) -> None:
+        self.source = source
+        self._hashers = {path: FileHasher(path) for path in source.files if path_isfile(path)}
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """`source.tensor(key)`, its bytes hashed when the reader knows where they lie."""
+        tensor = self.source.tensor(key)
+        span = self.source.span(key)
+        if span is not None and span[0] in self._hashers and tensor.is_contiguous() and tensor.numel():
+            flat = tensor.detach().reshape(-1).view(torch.uint8)
+            self._hashers[span[0]].feed(span[1], memoryview(flat.numpy()))
+        return tensor
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor (ties restored as shared tensors), hashed as read."""
+        ties, names = self.source.ties(), self.source.keys()
+        out = {key: self.tensor(key) for key in names if key not in ties}
+        out.update({alias: out[target] for alias, target in ties.items()})
+        return {key: out[key] for key in names}
+
+    def check(self) -> dict[str, str]:
+        """Hash the rest of each file; the checksums by path. Raises `CorruptCheckpoint` naming
+        the first file whose bytes differ from the sha256 its checkpoint recorded."""
+        read = {path: hasher.finish() for path, hasher in self._hashers.items()}
+        recorded = recorded_checksums(self.source)
+        for path, digest in read.items():
+            expected = recorded.get(path)
+            if expected is not None and expected != digest:
+                raise CorruptCheckpoint(Mismatch(None, path, expected, digest).message())
+        return read
+
+    def close(self) -> None:
+        for hasher in self._hashers.values():
+            hasher.close()
+
+
+def recorded_checksums(source: TensorSource) -> dict[str, str]:
+    """The sha256 a ladle checkpoint recorded for each backing file of `source`, by path."""
+    if len(source.files) == 1 and source.sha256:
+        return {source.files[0]: source.sha256}
+    by_name = source.metadata.get("files_sha256") if source.format == "ladle" else None
+    if not isinstance(by_name, dict):
+        return {}
+    return {
+        path: str(by_name[os.path.basename(path)])
+        for path in source.files
+        if os.path.basename(path) in by_name
+    }
+
+
+def hash_members(members: Sequence[Member]) -> list[Mismatch]:
+    """Hash every member's files whole (when the reading does not go through the engine)."""
+    hasher = StreamHasher(members, 8)
+    return hasher.finish()
+
+
+def drop_corrupt(members: Sequence[Member], mismatches: Sequence[Mismatch], *, skip: bool) -> list[Member]:
+    """The members left once the corrupted ones are refused (an error) or skipped (a warning)."""
+    if not mismatches:
+        return list(members)
+    if not skip:
+        raise corrupt_error(mismatches)
+    bad = {id(m.member) for m in mismatches if m.member is not None}
+    for mismatch in mismatches:
+        log.warning("%s; leaving it out of the average", mismatch.message().split("; the file")[0])
+    kept = [m for m in members if id(m) not in bad]
+    if not kept:
+        raise corrupt_error(mismatches)
+    return kept
+
+
+__all__ = [
+    "FileHasher",
+    "Mismatch",
+    "StreamHasher",
+    "VerifiedReader",
+    "corrupt_error",
+    "drop_corrupt",
+    "hash_members",
+    "recorded_checksums",
+]

@@ -1,0 +1,149 @@
+"""The safetensors header: its length prefix and JSON read, then validated before anything is trusted.
+
+Validated as the safetensors format specifies: the header is a JSON object; every entry
+has a known dtype, a shape of non-negative integers whose element count does not
+overflow, and integer data offsets whose span is exactly its element count times the
+dtype's size; the spans, in order, tile the data section with no gap, no overlap and
+nothing after the last one. Files on a store are read by ranged requests
+(`ladle.store.paths.open_ranged`), never downloaded whole.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from ladle.errors import FormatError, StorageError
+from ladle.store.paths import open_ranged
+from ladle.store.ranged import RangedFile
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "C64": torch.complex64,
+}
+for _name, _attr in (
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+MAX_HEADER = 100 << 20  # the format's own limit
+_MAX_NUMEL = (1 << 63) - 1  # torch sizes are int64; safetensors refuses any overflow too
+
+
+def read_header(path: str, reader: RangedFile | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(data start offset, tensor entries, `__metadata__`) of a safetensors file, validated."""
+    try:
+        handle = reader if reader is not None else open_ranged(path)
+        try:
+            size = handle.size
+            raw = handle.read(0, 8) if size >= 8 else b""
+            if len(raw) < 8:
+                raise FormatError(f"{path}: too short to be a safetensors file ({size} bytes)")
+            n = int.from_bytes(raw, "little")
+            if n <= 0 or n > MAX_HEADER or 8 + n > size:
+                raise FormatError(
+                    f"{path}: not a safetensors file (header length {n} for {size} bytes); "
+                    "is it truncated or another format?"
+                )
+            header = json.loads(handle.read(8, n))
+        finally:
+            if reader is None:
+                handle.close()
+    except StorageError:
+        raise
+    except (OSError, EOFError) as exc:
+        raise FormatError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError(f"{path}: safetensors header is not valid JSON; the file is damaged") from None
+    entries, metadata = validate_header(header, path, size - 8 - n)
+    return 8 + n, entries, metadata
+
+
+def validate_header(header: Any, path: str, data_len: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """The tensor entries and `__metadata__` of a parsed header, after checking every entry
+    and that their spans tile the `data_len` bytes after the header exactly."""
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: safetensors header is not a JSON object; the file is damaged")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise FormatError(f"{path}: safetensors __metadata__ is not an object; the file is damaged")
+    _check_tiling(path, [_span_of(path, key, entry) for key, entry in header.items()], data_len)
+    return header, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _span_of(path: str, key: str, entry: Any) -> tuple[int, int, str]:
+    """(begin, end, key) of one header entry, after checking its dtype, shape and size."""
+    try:
+        dtype = DTYPES[entry["dtype"]]
+        shape = entry["shape"]
+        begin, end = entry["data_offsets"]
+    except KeyError as exc:
+        if isinstance(entry, dict) and exc.args and exc.args[0] == entry.get("dtype"):
+            raise FormatError(
+                f"{path}: tensor {key!r} has dtype {entry['dtype']}, which torch cannot hold"
+            ) from None
+        raise FormatError(f"{path}: tensor {key!r} has a malformed header entry") from None
+    except (TypeError, ValueError):
+        raise FormatError(f"{path}: tensor {key!r} has a malformed header entry") from None
+    if type(begin) is not int or type(end) is not int or type(shape) is not list:
+        raise FormatError(f"{path}: tensor {key!r} has a malformed header entry")
+    numel = 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise FormatError(f"{path}: tensor {key!r} has a malformed shape {shape}")
+        numel *= d
+        if numel > _MAX_NUMEL:
+            raise FormatError(f"{path}: tensor {key!r} has an impossible shape {shape} (too many elements)")
+    if not 0 <= begin <= end or end - begin != numel * dtype.itemsize:
+        raise FormatError(
+            f"{path}: tensor {key!r} has {end - begin} bytes for shape {shape} "
+            f"{entry['dtype']}; the file is damaged"
+        )
+    return begin, end, key
+
+
+def _check_tiling(path: str, spans: list[tuple[int, int, str]], data_len: int) -> None:
+    """The tensors' byte spans must cover the data section exactly, in order."""
+    spans.sort()
+    position, previous = 0, None
+    for begin, end, key in spans:
+        if begin < position:
+            raise FormatError(
+                f"{path}: tensor {key!r} overlaps tensor {previous!r} (data offsets {begin}-{end}); "
+                "the file is damaged"
+            )
+        if begin > position:
+            raise FormatError(
+                f"{path}: {begin - position} unused bytes before tensor {key!r} (data offsets "
+                f"{begin}-{end}); the file is damaged"
+            )
+        if end > data_len:
+            raise FormatError(
+                f"{path}: tensor {key!r} lies outside the file (offsets {begin}-{end}, "
+                f"{data_len} data bytes); the file is truncated or damaged"
+            )
+        position, previous = end, key
+    if position != data_len:
+        raise FormatError(
+            f"{path}: {data_len - position} bytes after the last tensor; the file is damaged "
+            "or not a safetensors file"
+        )
