@@ -11,10 +11,14 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ladle.store.run import Run
 
 from tests.s3_server import s3_bucket, s3_endpoint  # noqa: F401 - fixtures: a moto S3 server on 127.0.0.1
 
@@ -32,6 +36,25 @@ collect_ignore = [
 ]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def scalar_run(tmp_path: Path, values: list[float]) -> Run:
+    """A run at `tmp_path/run` with one checkpoint per value: `w` = [value], `n` = its index,
+    at steps 100, 200, ... with `loss` = 1/index (averaging and provenance tests)."""
+    from safetensors.torch import save_file
+
+    from ladle.store.run import Run
+
+    run = Run(tmp_path / "run", create=True).acquire()
+    for i, v in enumerate(values, start=1):
+        pending = run.begin(f"step-{i * 100:09d}")
+        pending.write(
+            "model.safetensors",
+            lambda p, v=v, i=i: save_file({"w": torch.tensor([v]), "n": torch.tensor(i)}, p),
+        )
+        pending.commit(step=i * 100, epoch=i, metrics={"loss": 1.0 / i})
+    run.release()
+    return run
 
 
 def tiny_model(seed: int = 0, hidden: int = 8) -> nn.Module:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from ladle import average, average_to_file
 from ladle.averaging.members import open_members
 from ladle.errors import CheckpointNotFound
-from ladle.store.run import Run
+from tests.conftest import scalar_run as _run
 
 
 def _st(path: Path, tensors: dict[str, torch.Tensor], **metadata: str) -> Path:
@@ -86,19 +86,6 @@ def test_a_folder_of_checkpoints_expands(tmp_path: Path) -> None:
 def test_glob_without_matches_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointNotFound, match=r"\*\.pt: the pattern matches nothing"):
         average([str(tmp_path / "*.pt")])
-
-
-def _run(tmp_path: Path, values: list[float]) -> Run:
-    run = Run(tmp_path / "run", create=True).acquire()
-    for i, v in enumerate(values, start=1):
-        pending = run.begin(f"step-{i * 100:09d}")
-        pending.write(
-            "model.safetensors",
-            lambda p, v=v, i=i: save_file({"w": torch.tensor([v]), "n": torch.tensor(i)}, p),
-        )
-        pending.commit(step=i * 100, epoch=i, metrics={"loss": 1.0 / i})
-    run.release()
-    return run
 
 
 def test_a_run_expands_to_its_checkpoints_and_run_at_ref_picks_one(tmp_path: Path) -> None:

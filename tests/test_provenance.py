@@ -20,25 +20,12 @@ from ladle.averaging.provenance import PROVENANCE_KEY
 from ladle.errors import OutputExists
 from ladle.formats.source import TensorInfo
 from ladle.formats.write import SafetensorsWriter, remove_stale_temporaries
-from ladle.store.run import Run
+from tests.conftest import scalar_run as _run
 
 
 def _st(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     save_file(tensors, str(path))
     return path
-
-
-def _run(tmp_path: Path, values: list[float]) -> Run:
-    run = Run(tmp_path / "run", create=True).acquire()
-    for i, v in enumerate(values, start=1):
-        pending = run.begin(f"step-{i * 100:09d}")
-        pending.write(
-            "model.safetensors",
-            lambda p, v=v, i=i: save_file({"w": torch.tensor([v]), "n": torch.tensor(i)}, p),
-        )
-        pending.commit(step=i * 100, epoch=i, metrics={"loss": 1.0 / i})
-    run.release()
-    return run
 
 
 def test_average_to_file_records_provenance(tmp_path: Path) -> None:
