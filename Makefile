@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # torch is pinned here for this environment (a local CPU wheel); the package itself asks for a range.
+# The pin goes in the same pip call as the package, so that resolving the extras cannot move it.
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
@@ -17,22 +18,25 @@ other_venv = .venv$(subst .,,$(subst python,,$(1)))
 interpreter = $(or $(shell $(1) -c 'import sys; print(sys.executable)' 2>/dev/null),$(lastword $(wildcard $(HOME)/.pyenv/versions/*/bin/$(1))))
 OTHER_VENVS := $(foreach p,$(OTHER_PYTHONS),$(if $(call interpreter,$(p)),$(call other_venv,$(p))))
 
+# Tests run on one worker per CPU (pytest-xdist); the slowest ones mostly wait on child
+# processes, so a worker that finishes early takes tests from the other (worksteal).
+# `make test PARALLEL=` runs them in one process.
+PARALLEL ?= -n auto --dist worksteal
+
 .PHONY: install test test-fast demo lint bench clean
 
 # Everything the suite needs: every extra.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[dev,plot,onnx,lightning,transformers,demo]"
+	$(PY) -m pip install -q "$(TORCH_PIN)" -e ".[dev,plot,onnx,lightning,transformers,demo]"
 	touch $(STAMP) $(DEMO_STAMP)
 
 # The demo needs torch, scikit-learn and matplotlib only (not lightning, transformers or onnx).
 $(DEMO_STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[demo]"
+	$(PY) -m pip install -q "$(TORCH_PIN)" -e ".[demo]"
 	touch $(DEMO_STAMP)
 
 # One venv per other Python: torch (pinned) and the test tools.
@@ -40,8 +44,7 @@ define other_python_rule
 $(call other_venv,$(1))/.installed: pyproject.toml Makefile
 	test -x $(call other_venv,$(1))/bin/python || $(call interpreter,$(1)) -m venv $(call other_venv,$(1))
 	$(call other_venv,$(1))/bin/python -m pip install -q --upgrade pip
-	$(call other_venv,$(1))/bin/python -m pip install -q "$(TORCH_PIN)"
-	$(call other_venv,$(1))/bin/python -m pip install -q -e ".[dev]"
+	$(call other_venv,$(1))/bin/python -m pip install -q "$(TORCH_PIN)" -e ".[dev]"
 	touch $$@
 endef
 $(foreach p,$(OTHER_PYTHONS),$(if $(call interpreter,$(p)),$(eval $(call other_python_rule,$(p)))))
@@ -50,17 +53,17 @@ install: $(STAMP)
 
 test: $(STAMP) $(addsuffix /.installed,$(OTHER_VENVS))
 	$(VENV)/bin/ruff check $(LINTED)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PARALLEL)
 	@for venv in $(OTHER_VENVS); do \
 		echo "fast tests on $$($$venv/bin/python -V)"; \
-		$$venv/bin/python -m pytest -q -m "not slow" -p no:cacheprovider || exit 1; \
+		$$venv/bin/python -m pytest -q -m "not slow" -p no:cacheprovider $(PARALLEL) || exit 1; \
 	done
 
 # The fast tests on every Python (what a quick check before a commit runs).
 test-fast: $(STAMP) $(addsuffix /.installed,$(OTHER_VENVS))
 	@for venv in $(VENV) $(OTHER_VENVS); do \
 		echo "fast tests on $$($$venv/bin/python -V)"; \
-		$$venv/bin/python -m pytest -q -m "not slow" -p no:cacheprovider || exit 1; \
+		$$venv/bin/python -m pytest -q -m "not slow" -p no:cacheprovider $(PARALLEL) || exit 1; \
 	done
 
 demo: $(DEMO_STAMP)

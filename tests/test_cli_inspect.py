@@ -91,7 +91,8 @@ def ladle(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, 
 def test_ls_shows_each_checkpoint_with_its_marks(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = ladle(capsys, "ls", run_dir)
     assert code == 0
-    assert "3 checkpoints" in out and "best = min val_loss" in out
+    title = " ".join(out.split("┏")[0].split())  # wrapped between words to the terminal's width
+    assert "3 checkpoints" in title and "best = min val_loss" in title
     lines = {line.split()[1]: line for line in out.splitlines() if "step-0000" in line}
     assert "pinned" in lines["step-000000100"] and "ema" in lines["step-000000100"]
     assert "best" in lines["step-000000200"] and "0.4" in lines["step-000000200"]

@@ -38,7 +38,10 @@ from ladle.store.history import read_history
 from ladle.store.lock import LEASE_PREFIX
 from tests.conftest import SCRIPTS, tiny_model
 
-KINDS = ["local", "file", "memory", "s3"]
+# The real S3 server costs a few seconds per test (a bucket, a botocore session): the fast runs
+# (`-m "not slow"`, the other Pythons in `make test`) cover the same behaviour on memory://.
+S3 = pytest.param("s3", marks=pytest.mark.slow)
+KINDS = ["local", "file", "memory", S3]
 
 
 @pytest.fixture(params=KINDS)
@@ -47,7 +50,7 @@ def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     yield from _location(request, tmp_path)
 
 
-@pytest.fixture(params=["memory", "s3"])
+@pytest.fixture(params=["memory", S3])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """Like `where`, on object stores only (their lock is a lease; a local one is an flock)."""
     yield from _location(request, tmp_path)

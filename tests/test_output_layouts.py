@@ -200,3 +200,34 @@ def test_an_average_of_sharded_model_folders_is_sharded_like_the_newest(tmp_path
     assert torch.allclose(
         loaded.transformer.h[0].mlp.c_fc.weight, _mean_of(models, "transformer.h.0.mlp.c_fc.weight")
     )
+
+
+def test_avg_of_model_folders_to_a_url_uploads_a_from_pretrained_folder_weights_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    import fsspec
+
+    from ladle.store.fsspec_storage import FsspecStorage
+
+    models = [_gpt2(tmp_path / f"m{seed}", seed) for seed in (0, 1)]
+    uploaded: list[str] = []
+    upload = FsspecStorage.upload
+
+    def recording_upload(self: FsspecStorage, local: str, path: str, **options: bool) -> None:
+        uploaded.append(path.rsplit("/", 1)[-1])
+        upload(self, local, path, **options)
+
+    monkeypatch.setattr(FsspecStorage, "upload", recording_upload)
+    url = f"memory://ladle-{tmp_path.name}/soup"
+    assert main(["avg", str(tmp_path / "m0"), str(tmp_path / "m1"), "-o", url]) == 0
+    # the folder is complete only once the weights arrive: they (after their provenance) go last
+    assert uploaded[-2:] == ["model.safetensors.json", "model.safetensors"]
+    fs = fsspec.filesystem("memory")
+    local = tmp_path / "downloaded"
+    local.mkdir()
+    for remote in fs.ls(url, detail=False):
+        fs.get(remote, str(local / remote.rsplit("/", 1)[-1]))
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(local)
+    assert torch.allclose(loaded.transformer.wte.weight, _mean_of(models, "transformer.wte.weight"))
+    assert main(["avg", str(tmp_path / "m0"), str(tmp_path / "m1"), "-o", url]) == 2  # exists: --force

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,25 @@ def test_removing_stale_temporaries_names_what_it_removed(tmp_path: Path) -> Non
     stale = tmp_path / f".x.pt.tmp-{_dead_pid()}-ffff0000"
     stale.write_bytes(b"")
     assert remove_stale_temporaries(tmp_path / "x.pt") == [str(stale)]
+
+
+def test_the_local_copy_of_a_killed_upload_is_removed_by_the_next_upload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An output bound for a URL is written to a local staging folder first; a killed writer
+    # cannot delete it, so the next upload on the machine does (a live writer's folder stays).
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    stale = tmp_path / "tmp" / f"ladle-output-{_dead_pid()}-abc"
+    stale.mkdir()
+    (stale / "o.safetensors").write_bytes(b"half an output")
+    live = tmp_path / "tmp" / f"ladle-output-{os.getpid()}-def"
+    live.mkdir()
+    a = _st(tmp_path / "a.safetensors", {"w": torch.ones(2)})
+    average_to_file([a], "memory://ladle-staging-test/o.safetensors")
+    assert not stale.exists()
+    assert live.exists()
+    assert [p.name for p in (tmp_path / "tmp").iterdir()] == [live.name]
 
 
 def test_a_killed_average_leaves_no_output_and_its_temporary_is_cleaned_later(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -39,7 +40,13 @@ from ladle.formats.safetensors_io import SafetensorsSource, read_index
 from ladle.formats.source import ALIASES_KEY
 from ladle.formats.state_dicts import find_state_dict
 from ladle.formats.torch_load import load_torch_object
-from ladle.formats.write import SafetensorsWriter, atomic_path, output_location, write_json
+from ladle.formats.write import (
+    SafetensorsWriter,
+    atomic_path,
+    output_location,
+    staged_folder_upload,
+    write_json,
+)
 from ladle.store.paths import local_copy
 from ladle.store.storage import is_url
 from ladle.store.trainer_dirs import copy_model_files
@@ -78,11 +85,6 @@ def model_folder_target(inputs: Sequence[Any], output: str | os.PathLike[str]) -
         folder = text
     else:
         return None
-    if is_url(folder):
-        raise ConfigError(
-            f"{output}: a from_pretrained folder cannot be written to a URL yet; write it to a local "
-            "folder and upload that, or name a single file (-o URL/avg.safetensors)"
-        )
     return folder
 
 
@@ -91,8 +93,19 @@ def average_to_model_folder(
 ) -> AverageResult:
     """Average transformers model folders into `folder`, which `from_pretrained` then loads.
 
-    `options` are those of `average_to_file` (weights, dtype, force, ...).
+    `options` are those of `average_to_file` (weights, dtype, force, ...). A URL is written to a
+    local folder first, then uploaded file by file, the weights and their index last.
     """
+    if is_url(os.fspath(folder)):
+        url = os.fspath(folder).rstrip("/")
+        last = (".safetensors.json", ".safetensors", SHARD_INDEX)  # provenance, weights, index
+        with staged_folder_upload(url, force=bool(options.get("force")), last=last) as local:
+            result = average_to_model_folder(inputs, local, **{**options, "force": True})
+        return replace(
+            result,
+            path=f"{url}/{os.path.basename(result.path)}",
+            sidecar=f"{url}/{os.path.basename(result.sidecar)}" if result.sidecar else "",
+        )
     target = os.path.abspath(os.fspath(folder))
     if os.path.isfile(target):
         raise ConfigError(f"{target}: is a file; the average of model folders is a folder, name a new one")

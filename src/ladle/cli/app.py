@@ -108,7 +108,9 @@ def stdout_console() -> Console:
     if _console is None:
         from rich.console import Console
 
-        _console = Console()
+        # Messages are not re-wrapped (the terminal wraps them, as it does for git or pip): a
+        # path is never broken inside, so it can be copied whole. Tables still fit the width.
+        _console = Console(soft_wrap=True)
     return _console
 
 
@@ -118,7 +120,7 @@ def stderr_console() -> Console:
     if _err_console is None:
         from rich.console import Console
 
-        _err_console = Console(stderr=True)
+        _err_console = Console(stderr=True, soft_wrap=True)
     return _err_console
 
 

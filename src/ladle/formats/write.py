@@ -38,7 +38,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from enum import Enum
 
@@ -173,7 +173,8 @@ def _staged_upload(url: str, *, force: bool) -> Iterator[str]:
     """A local temporary path (named like the output, so tools that go by the suffix agree) that
     is uploaded to `url` in one request on success; deleted afterwards in every case."""
     storage, where = _store_of(url)
-    staging = tempfile.mkdtemp(prefix="ladle-output-")
+    remove_stale_staging()
+    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
     try:
         tmp = os.path.join(staging, url.rstrip("/").rsplit("/", 1)[-1] or "output")
         yield tmp
@@ -184,6 +185,66 @@ def _staged_upload(url: str, *, force: bool) -> Iterator[str]:
             raise OutputExists(f"{url}: appeared while writing; pass force=True to replace it") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def staged_folder_upload(url: str, *, force: bool, last: Sequence[str] = ()) -> Iterator[str]:
+    """A local temporary folder whose files are uploaded under `url` on success (deleted in
+    every case). A folder cannot be published in one request, so the files go one by one and
+    those named in `last` (by suffix, in that order: the weights, then their index) go after
+    the rest: until its last file arrives the folder is incomplete, never half-replaced with
+    a newer weights file. Objects already under `url` are refused unless `force` (which
+    replaces the files of the same names and leaves the others)."""
+    storage, where = _store_of(url)
+    kind = storage.kind(where)  # also checks that the bucket exists
+    if kind == "file":
+        raise OutputExists(f"{url}: is a file; the output is a folder, name a new one")
+    if kind == "dir" and not force:
+        raise OutputExists(f"{url}: objects exist under it; pass force=True (--force) to write over them")
+    remove_stale_staging()
+    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
+    try:
+        yield staging
+
+        def rank(name: str) -> int:  # the latest entry of `last` that the name ends with
+            return next((i + 1 for i in reversed(range(len(last))) if name.endswith(last[i])), 0)
+
+        names = sorted(os.listdir(staging), key=lambda name: (rank(name), name))
+        storage.makedirs(where)
+        for name in names:
+            storage.upload(os.path.join(staging, name), f"{where.rstrip('/')}/{name}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+STAGING_PREFIX = "ladle-output-"
+"""Local folders of outputs bound for a URL: `ladle-output-PID-RANDOM` in the temporary folder."""
+
+
+def remove_stale_staging(root: str | None = None) -> list[str]:
+    """Remove the staging folders (`ladle-output-PID-*`) of uploads whose process was killed.
+
+    A killed `avg`/`soup`/`export` to a URL cannot delete its local copy (up to the size of
+    the output); the next upload on this machine does, leaving live writers' folders alone.
+    """
+    root = root or tempfile.gettempdir()
+    pattern = re.compile(rf"^{re.escape(STAGING_PREFIX)}(\d+)-")
+    removed = []
+    try:
+        entries = os.listdir(root)
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        stale = os.path.join(root, entry)
+        if os.path.islink(stale) or not os.path.isdir(stale):
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+        log.info("removed %s, left by an upload that was killed", stale)
+        removed.append(stale)
+    return removed
 
 
 def _pid_alive(pid: int) -> bool:
