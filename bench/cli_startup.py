@@ -7,8 +7,9 @@ Times, as fresh processes (median of --repeat): `python -c pass`, `python -c
 `ladle --help`, `ladle version`, `ladle ls RUN` and `ladle verify --quick RUN`
 on a run of --checkpoints checkpoints (a tiny model, so that the time is the
 CLI's and the index's, not the disk's), then `ladle inspect` of one
-model.safetensors and a full `ladle verify` of one checkpoint (these two still
-import torch). The run is made once with the CheckpointManager and kept in --dir
+model.safetensors and of the run's latest checkpoint (its state.pt described
+from a pickle scan) and a full `ladle verify` of one checkpoint: none of these
+imports torch. The run is made once with the CheckpointManager and kept in --dir
 for later rounds. The target: each light command within 0.3 s on a quiet machine.
 
 Compiled bytecode is cached (in a temporary PYTHONPYCACHEPREFIX, even where
@@ -89,6 +90,7 @@ def main() -> None:
         f"ladle ls RUN ({args.checkpoints} checkpoints)": [*ladle, "ls", str(run)],
         f"ladle verify --quick RUN ({args.checkpoints})": [*ladle, "verify", "--quick", str(run)],
         "ladle inspect CKPT/model.safetensors": [*ladle, "inspect", str(one / "model.safetensors")],
+        "ladle inspect RUN/latest (a checkpoint)": [*ladle, "inspect", f"{run}/latest"],
         "ladle verify CKPT (full, one checkpoint)": [*ladle, "verify", str(one)],
     }
     print(f"run of {args.checkpoints} checkpoints made in {made:.1f} s; median of {args.repeat} runs each")

@@ -9,7 +9,7 @@ fsync of every file, sha256 of every file, meta.json, rename, index) against
 a raw read of the same bytes into memory. Peak memory is the highest resident
 set size sampled every 2 ms during the operation, minus the size before it.
 Prints medians over --repeat rounds and the ratios the targets refer to
-(save <= 1.1x, resume <= 1.3x, save peak memory <= torch.save's).
+(save <= 1.1x, verified resume <= 1.0x a raw read (issue 14), save peak memory <= torch.save's).
 """
 
 from __future__ import annotations
@@ -145,7 +145,9 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
 
     print(f"checkpoint size: {size / 2**30:.2f} GiB; medians of {args.repeat} rounds")
-    med = {k: (statistics.median(t for t, _ in v), statistics.median(m for _, m in v)) for k, v in rows.items()}
+    med = {
+        k: (statistics.median(t for t, _ in v), statistics.median(m for _, m in v)) for k, v in rows.items()
+    }
     print(f"{'operation':<26}{'seconds':>9}{'GiB/s':>8}{'peak extra RSS':>16}")
     for name, (seconds, extra) in med.items():
         print(f"{name:<26}{seconds:>9.2f}{size / 2**30 / seconds:>8.2f}{extra / 2**20:>12.0f} MiB")
@@ -154,8 +156,10 @@ def main() -> None:
     resume_ratio = med["ladle resume (verify)"][0] / med["raw read"][0]
     fast_ratio = med["ladle resume (no verify)"][0] / med["raw read"][0]
     print(f"save time / torch.save+fsync:          {save_ratio:.2f}x (target <= 1.1x)")
-    print(f"save peak memory minus torch.save's:    {mem_extra:+.0f} MiB (target <= 0, within sampling noise)")
-    print(f"resume (verify) time / raw read:        {resume_ratio:.2f}x (target <= 1.3x)")
+    print(
+        f"save peak memory minus torch.save's:    {mem_extra:+.0f} MiB (target <= 0, within sampling noise)"
+    )
+    print(f"resume (verify) time / raw read:        {resume_ratio:.2f}x (target <= 1.0x)")
     print(f"resume (no verify) time / raw read:     {fast_ratio:.2f}x")
 
 

@@ -29,8 +29,14 @@ def train(run_dir: str, stop_at: int | None, total: int = 60) -> torch.Tensor:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     with ladle.CheckpointManager(
-        run_dir, model=model, optimizer=optimizer, scheduler=scheduler, data=loader,
-        monitor="loss", every_steps=10, keep=ladle.Keep(last=2, best=1),
+        run_dir,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        data=loader,
+        monitor="loss",
+        every_steps=10,
+        keep=ladle.Keep(last=2, best=1),
     ) as manager:
         point = manager.resume()
         step, epoch = (point.step, point.epoch) if point else (0, 0)

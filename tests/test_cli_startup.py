@@ -77,6 +77,24 @@ def test_help_version_ls_and_quick_verify_import_no_torch(run_dir: Path) -> None
     assert [(r["argv"], r["loaded"]) for r in report] == [(c, []) for c in commands]
 
 
+def test_inspect_and_full_verify_of_safetensors_and_ladle_checkpoints_import_no_torch(run_dir: Path) -> None:
+    checkpoint = run_dir / "step-000000002"
+    commands = [
+        ["inspect", str(checkpoint / "model.safetensors")],
+        ["inspect", str(checkpoint / "model.safetensors"), "--json"],
+        ["inspect", str(run_dir)],
+        ["inspect", f"{run_dir}/latest"],
+        ["inspect", f"{run_dir}/best"],
+        ["inspect", str(checkpoint), "--json"],
+        ["verify", str(run_dir)],
+        ["verify", f"{run_dir}/latest"],
+        ["verify", str(checkpoint)],
+    ]
+    report = _probe(commands, run_dir.parent)
+    assert [r["code"] for r in report] == [0] * len(commands)
+    assert [(r["argv"], r["loaded"]) for r in report] == [(c, []) for c in commands]
+
+
 def test_the_command_listing_matches_each_command(run_dir: Path) -> None:
     for name, (_, summary) in COMMANDS.items():
         command = load_command(name)

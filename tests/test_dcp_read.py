@@ -55,6 +55,23 @@ def test_a_dcp_folder_opens_as_its_model_weights(tmp_path: Path) -> None:
             assert torch.equal(source.tensor(key), expected)
 
 
+def test_pieces_of_every_layout_read_back_exactly(tmp_path: Path) -> None:
+    # Plain C-ordered pieces are read straight into place; views, transposed and empty
+    # tensors, scalars and bf16 must come back the same whichever way they are read.
+    stored = torch.arange(20.0)
+    tensors = {
+        "plain": torch.randn(6, 4),
+        "view": stored[5:9],
+        "transposed": torch.randn(6, 4).t(),
+        "bf16": torch.randn(5).to(torch.bfloat16),
+        "scalar": torch.tensor(3.0),
+        "empty": torch.empty(0, 3),
+    }
+    with DcpSource(_dcp_save({"model": tensors}, tmp_path / "ckpt")) as source:
+        for key, value in tensors.items():
+            assert torch.equal(source.tensor(key), value), key
+
+
 def test_key_picks_another_entry_of_the_saved_state(tmp_path: Path) -> None:
     path, _ = _training_checkpoint(tmp_path / "ckpt", 0)
     with load_source(path, key="optimizer") as source:

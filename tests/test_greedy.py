@@ -291,7 +291,7 @@ def test_a_warm_up_that_swallows_every_improvement_says_so(tmp_path: Path) -> No
         soup(str(path), "improved:loss:min:over=best:warmup=0.25")
 
 
-USER_CODE = '''
+USER_CODE = """
 import torch
 from torch import nn
 
@@ -306,7 +306,7 @@ def batches():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(256, 8, generator=generator)
     return [x[i : i + 32] for i in range(0, 256, 32)]
-'''
+"""
 
 
 def test_the_command_line_recalibrates_through_a_user_module(run: Run, tmp_path: Path) -> None:

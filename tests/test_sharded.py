@@ -66,10 +66,20 @@ def test_every_rank_writes_its_shard_and_rank_zero_commits(reference: tuple[Path
     assert [c.step for c in run.checkpoints()] == [2, 4, 6, 8, 10]
     latest = run.latest()
     assert latest is not None
-    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rank-00000.pt", "rank-00001.pt", "state.pt"} == set(
-        latest.files
-    )
+    # Each rank writes one DCP file per registered object: the model's (n=0), the optimizer's (n=1).
+    shards = {"__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "__1_1.distcp"}
+    assert {".metadata", *shards, "rank-00000.pt", "rank-00001.pt", "state.pt"} == set(latest.files)
     assert run.verify() == []
+
+
+def test_reading_the_model_of_a_sharded_checkpoint_touches_only_the_model_files(
+    reference: tuple[Path, Path],
+) -> None:
+    latest = ladle.Run(reference[0]).latest()
+    assert latest is not None
+    with ladle.load_source(latest.path) as source:  # what `ladle avg` reads and hashes
+        assert sorted(Path(f).name for f in source.files) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+        assert sorted(source.metadata["files_sha256"]) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
 
 
 def test_an_fsdp2_run_killed_mid_epoch_resumes_bit_exact(

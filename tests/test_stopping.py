@@ -78,7 +78,9 @@ def test_non_finite_values_count_as_no_improvement_when_not_checked() -> None:
 def test_options_are_validated() -> None:
     with pytest.raises(ConfigError, match=r"EarlyStopping\.patience=-1 is not allowed; use an integer >= 0"):
         ladle.EarlyStopping(metric="loss", patience=-1)
-    with pytest.raises(ConfigError, match=r"EarlyStopping\.delta_mode='pct' is not allowed; use one of 'abs'"):
+    with pytest.raises(
+        ConfigError, match=r"EarlyStopping\.delta_mode='pct' is not allowed; use one of 'abs'"
+    ):
         ladle.EarlyStopping(metric="loss", delta_mode="pct")
     with pytest.raises(ConfigError, match="EarlyStopping.mode='lower'"):
         ladle.EarlyStopping(metric="loss", mode="lower")

@@ -1,12 +1,16 @@
 """An FSDP2 training run on CPU ranks (gloo) checkpointed by CheckpointManager through DCP.
 
-python fsdp_train.py RUN_DIR OUT_DIR WORLD STEPS [--kill-rank R --kill-step S] [--plain] [--async-save]
+python fsdp_train.py RUN_DIR OUT_DIR WORLD STEPS [--kill-rank R --kill-step S] [--plain] [--async-save] [--ema]
 
 Each rank appends `step loss` lines to OUT_DIR/losses-<rank>.txt. At the end rank 0
 writes OUT_DIR/final.pt: the full (gathered) parameters and optimizer state.
 `--kill-rank R --kill-step S`: rank R SIGKILLs itself inside the save at step S
 (R = -1: every rank kills itself right after step S, outside any save).
 `--async-save`: saves commit in the background (DCP shards staged in host memory).
+`--ema`: a `ladle.EMA` of the (sharded) model, updated after every step; final.pt then
+holds its full weights under "ema", under "ema_reference" the same average taken of the
+gathered full weights at every step of this process (absent after a resume), and the
+model's full weights inside and after `ema.applied(model)`.
 `--plain`: WORLD must be 1; no process group, the model is not sharded (sharded=True
 still writes a DCP checkpoint).
 """
@@ -50,12 +54,15 @@ def worker(rank: int, args: argparse.Namespace, init_file: str) -> None:
     loader = ladle.ResumableDataLoader(
         data, batch_size=4, shuffle=True, seed=3, num_replicas=args.world, rank=rank
     )
+    ema = ladle.EMA(model, decay=0.8) if args.ema else None
+    reference = _full(model.state_dict()) if args.ema else None
     manager = ladle.CheckpointManager(
         args.run_dir,
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
         data=loader,
+        ema=ema,
         every_steps=2,
         sharded=True,
         async_save=args.async_save,
@@ -74,6 +81,10 @@ def worker(rank: int, args: argparse.Namespace, init_file: str) -> None:
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                if ema is not None:
+                    ema.update()
+                    for key, value in _full(model.state_dict()).items():
+                        reference[key].lerp_(value, 1 - 0.8)  # type: ignore[index]
                 step += 1
                 losses.write(f"{step} {loss.item()!r}\n")
                 losses.flush()
@@ -88,12 +99,25 @@ def worker(rank: int, args: argparse.Namespace, init_file: str) -> None:
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=not args.plain)
     weights, optim = get_state_dict(model, optimizer, options=full)
+    final = {"model": weights, "optimizer": optim}
+    if ema is not None:  # gathered on every rank (a collective), kept by rank 0
+        final["ema"] = _full(ema.weights())
+        with ema.applied(model):  # the average swapped into the sharded model, then the raw weights back
+            final["ema_applied"] = _full(model.state_dict())
+        final["raw_after_applied"] = _full(model.state_dict())
+        if point is None:
+            final["ema_reference"] = reference
     if rank == 0:
-        torch.save({"model": weights, "optimizer": optim}, os.path.join(args.out_dir, "final.pt"))
+        torch.save(final, os.path.join(args.out_dir, "final.pt"))
     manager.close()
     if not args.plain:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _full(tensors: dict) -> dict:
+    """Full copies of (possibly sharded) tensors: DTensors are gathered (a collective call)."""
+    return {k: getattr(v, "full_tensor", v.clone)().detach().clone() for k, v in tensors.items()}
 
 
 def _kill_inside_save_at(step: int) -> None:
@@ -102,8 +126,8 @@ def _kill_inside_save_at(step: int) -> None:
 
     original = sharded.write_dcp
 
-    def write_then_die(state, path, *args):  # type: ignore[no-untyped-def]
-        original(state, path, *args)
+    def write_then_die(state, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original(state, path, *args, **kwargs)
         if f"step-{step:09d}" in path:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -120,6 +144,7 @@ def main() -> None:
     parser.add_argument("--kill-step", type=int, default=0)
     parser.add_argument("--plain", action="store_true")
     parser.add_argument("--async-save", action="store_true")
+    parser.add_argument("--ema", action="store_true")
     args = parser.parse_args()
     init_file = tempfile.mktemp(prefix="ladle-fsdp-init-")
     if args.plain:

@@ -18,6 +18,10 @@ Why it is built this way:
   model and every ladle tool can read them like raw weights.
 - `state_dict()` / `load_state_dict()` follow torch's Stateful protocol (counters plus
   `"weights"`), so a resumed run continues the average exactly, bit for bit on CPU.
+- A sharded model (FSDP2, tensor parallel: DTensor parameters) gets DTensor averages
+  sharded like it: each rank averages its own shard, nothing is gathered, and a sharded
+  checkpoint saves them through DCP (`ladle.averaging.ema_shards`). `device="cpu"` then
+  keeps each rank's local shard in host memory.
 
 The settings and the decay schedule are `ladle.averaging.ema_config.EMAConfig`. This module
 is the averaging object alone (its tensor grouping, the update, reading and restoring the
@@ -36,6 +40,7 @@ import torch
 from torch import nn
 
 from ladle.averaging.ema_config import Buffers, EMAConfig, Warmup
+from ladle.averaging.ema_shards import is_dtensor, local, local_part, shard_like
 from ladle.errors import ConfigError, StateMismatch
 from ladle.state.model_weights import clean_key, unwrap_model
 from ladle.validation import check_int
@@ -111,7 +116,8 @@ class EMA:
         # the raw weights are back, bit for bit
 
     Pass it to `CheckpointManager(..., ema=ema)` and each checkpoint stores the averaged
-    weights as `ema.safetensors`, keyed like the model's state_dict.
+    weights as `ema.safetensors`, keyed like the model's state_dict (for a sharded model,
+    whose weights are DTensors: in the checkpoint's DCP folder, under `ema`).
     """
 
     def __init__(
@@ -176,7 +182,7 @@ class EMA:
 
     def _new_shadow(self, source: torch.Tensor) -> torch.Tensor:
         device, dtype = self._shadow_place(source)
-        return source.to(device=device, dtype=dtype, copy=True)
+        return shard_like(source, device, dtype)
 
     def _averaged(self, index: int) -> bool:
         shadow = self._shadows[index]
@@ -198,7 +204,7 @@ class EMA:
                 )
             if self.config.device is None and shadow.device != source.device:
                 # The model moved (e.g. model.cuda() after EMA(...)); the copy follows it.
-                self._shadows[i] = shadow = shadow.to(source.device)
+                self._shadows[i] = shadow = shard_like(shadow, source.device, shadow.dtype)
             key = (self._averaged(i), shadow.device, shadow.dtype, source.device, source.dtype)
             members.setdefault(key, []).append(i)
         groups = []
@@ -206,7 +212,7 @@ class EMA:
             group = _Group(
                 average=average,
                 slots=[self._slots[i] for i in index],
-                shadows=[self._shadows[i] for i in index],
+                shadows=[local(self._shadows[i]) for i in index],  # a DTensor's own shard
                 source_device=src_device,
                 source_dtype=src_dtype,
                 source_ids=[id(sources[i]) for i in index],
@@ -259,7 +265,7 @@ class EMA:
         return True
 
     def _current_sources(self) -> list[list[torch.Tensor]]:
-        """Each group's live tensors; regroups when they were replaced or moved."""
+        """Each group's live tensors (a DTensor's local shard); regroups when they were replaced or moved."""
         for _ in range(2):
             per_group = [[d[k] for d, k in g.slots] for g in self._groups]
             stale = any(
@@ -269,10 +275,10 @@ class EMA:
                 for g, src in zip(self._groups, per_group, strict=True)
             )
             if not stale:
-                return per_group
+                break
             log.debug("EMA: the model's tensors were replaced or moved; regrouping")
             self._build_groups()
-        return per_group
+        return [[local(t) for t in src] for src in per_group]
 
     def _apply_all(self, *, weight: float | None) -> None:
         """One foreach call per group: lerp by `weight`, or a copy (weight None / not averaged)."""
@@ -303,7 +309,10 @@ class EMA:
     # -- using the average -------------------------------------------------------
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """The averaged tensors keyed like the bare model's state_dict (live, not copies)."""
+        """The averaged tensors keyed like the bare model's state_dict (live, not copies).
+
+        For a sharded model they are DTensors sharded like its parameters.
+        """
         self._flush()
         pairs = zip(self._names, self._shadow_index, strict=True)
         return {name: self._shadows[i] for name, i in pairs}
@@ -320,21 +329,27 @@ class EMA:
         tensors = []
         for name, index in zip(self._names, self._shadow_index, strict=True):
             tensor = live[name]
-            if tensor.shape != self._shadows[index].shape:
+            shadow = self._shadows[index]
+            if tensor.shape != shadow.shape or is_dtensor(tensor) != is_dtensor(shadow):
+                sharded = {True: " (sharded)", False: ""}
                 raise StateMismatch(
-                    f"EMA: {name} has shape {tuple(tensor.shape)} in the model but "
-                    f"{tuple(self._shadows[index].shape)} in the EMA; "
+                    f"EMA: {name} has shape {tuple(tensor.shape)}{sharded[is_dtensor(tensor)]} in the "
+                    f"model but {tuple(shadow.shape)}{sharded[is_dtensor(shadow)]} in the EMA; "
                     "pass the model it was created for"
                 )
-            tensors.append(tensor)
+            tensors.append(local(tensor))
         return tensors
+
+    def _local_shadows(self) -> list[torch.Tensor]:
+        """One (local) shadow per name of the model, in `_names` order."""
+        return [local(self._shadows[i]) for i in self._shadow_index]
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module | None = None) -> None:
         """Overwrite the model's weights with the averaged ones (in place)."""
         self._flush()
         targets = self._targets(model)
-        torch._foreach_copy_(targets, [self._shadows[i] for i in self._shadow_index])
+        torch._foreach_copy_(targets, self._local_shadows())
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
@@ -347,7 +362,7 @@ class EMA:
         targets = self._targets(model)
         with torch.no_grad():
             backup = [t.detach().clone() for t in targets]
-            torch._foreach_copy_(targets, [self._shadows[i] for i in self._shadow_index])
+            torch._foreach_copy_(targets, self._local_shadows())
         try:
             yield self.model if model is None else model
         finally:
@@ -405,7 +420,10 @@ class EMA:
         first = {}
         for name, index in zip(self._names, self._shadow_index, strict=True):
             first.setdefault(index, weights[name])
-        torch._foreach_copy_(self._shadows, [first[i] for i in range(len(self._shadows))])
+        # Weights loaded in place into the shadows themselves (DCP does) need no copy.
+        pairs = [(s, first[i]) for i, s in enumerate(self._shadows) if first[i] is not s]
+        if pairs:
+            torch._foreach_copy_([local(s) for s, _ in pairs], [local_part(w, s) for s, w in pairs])
         saved = {k: state_dict[k] for k in self.config.to_dict() if k in state_dict}
         for key, value in saved.items():
             live = self.config.to_dict()[key]

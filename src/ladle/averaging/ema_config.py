@@ -53,7 +53,8 @@ class EMAConfig:
     buffers: Buffers = Buffers.COPY
     """Copy buffers from the model (default) or average floating buffers too."""
     device: torch.device | None = None
-    """Where the EMA copy lives ("cpu" saves accelerator memory); default: beside each weight."""
+    """Where the EMA copy lives ("cpu" saves accelerator memory); default: beside each weight.
+    For a sharded (DTensor) model: where each rank's local shard of the copy lives."""
     dtype: torch.dtype | None = None
     """Floating dtype of the EMA copy (torch.float32 for a bf16 model); default: the weight's."""
 

@@ -9,6 +9,7 @@ opened as members, and duplicates are counted once:
   once, with a notice; different files with identical contents named one by
   one are both kept, with a notice. `dedupe=False` keeps every duplicate.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,7 +29,6 @@ from ladle.store.checkpoint import CheckpointInfo
 from ladle.store.storage import is_url
 
 log = logging.getLogger("ladle")
-
 
 
 @dataclass(kw_only=True, eq=False)

@@ -59,7 +59,9 @@ def _row(info: CheckpointInfo, latest: CheckpointInfo | None, best: CheckpointIn
         "latest": latest is not None and info.name == latest.name,
         "best": best is not None and info.name == best.name,
         "pinned": info.pinned,
-        "ema": "ema.safetensors" in info.files,
+        # A sharded checkpoint keeps its EMA in its DCP folder (meta.json records it was saved).
+        "ema": "ema.safetensors" in info.files
+        or (".metadata" in info.files and info.extra.get("ema") is True),
     }
 
 

@@ -240,10 +240,18 @@ def _members_table(
     names = sorted({k for _, _, _, metrics in rows for k in metrics})
     names = sorted(names, key=lambda m: m not in recipe)
     width = output_width(console)
-    used = sum(max(len(h), *(len(v) for v in col)) + 3 for h, col in (
-        ("checkpoint", [r[0] for r in rows]), ("step", [str(r[1]) for r in rows]), ("epoch", ["000"]),
-        ("weight", ["0.0000"]),
-    )) + 1
+    used = (
+        sum(
+            max(len(h), *(len(v) for v in col)) + 3
+            for h, col in (
+                ("checkpoint", [r[0] for r in rows]),
+                ("step", [str(r[1]) for r in rows]),
+                ("epoch", ["000"]),
+                ("weight", ["0.0000"]),
+            )
+        )
+        + 1
+    )
     metric_names = []
     for m in names:
         need = max(len(m), *(len(cell(r[3], m)) for r in rows)) + 3

@@ -8,8 +8,12 @@ plain `dcp.save` write the same layout. `DcpSource` exposes the tensors of one
 such folder as a `TensorSource`: `keys()` and `info()` come from `.metadata`
 alone, and `tensor(key)` assembles that one tensor from its shards (whatever the
 number of ranks that wrote them: each piece is a weights-only torch file at the
-offset `.metadata` records, as DCP's own reader reads it), so averaging many
-sharded checkpoints holds about one tensor per checkpoint in memory.
+offset `.metadata` records, as DCP's own reader reads it; a plain one's bytes are
+read straight into their place), so averaging many sharded checkpoints holds about
+one tensor per checkpoint in memory. A source's `files` are the shard files holding
+its tensors' pieces, not every shard file of the folder: a ladle checkpoint keeps
+each object in files of its own (`ladle.saving.sharded`), so averaging its model
+reads and hashes none of the optimizer's bytes.
 
 `.metadata` is read without running code from it by `ladle.formats.dcp_metadata`.
 """
@@ -142,10 +146,28 @@ class DcpSource(TensorSource):
             )
         self._entries = {name: tensors[fqn] for name, fqn in self._map.items()}
         self.groups = groups
-        self.files = [os.path.join(self.path, METADATA_NAME), *shard_files(self.path)]
+        self.files = [os.path.join(self.path, METADATA_NAME), *self._backing_files()]
         self.metadata = {"dcp_groups": groups}
         self._lock = threading.Lock()
         self._cached: tuple[str, torch.Tensor] | None = None
+
+    def _backing_files(self) -> list[str]:
+        """The shard files holding a piece of the chosen tensors, as `.metadata` records them.
+
+        ladle's sharded checkpoints keep each registered object in files of its own
+        (`ladle.saving.sharded`), so the model's source is backed by the model's
+        files alone and averaging hashes none of the optimizer's bytes; a folder
+        with one file per rank (DCP's default) is backed by all of them.
+        """
+        chosen = set(self._map.values())
+        used = {
+            item.relative_path
+            for key, item in (self._metadata.storage_data or {}).items()
+            if getattr(key, "fqn", None) in chosen
+        }
+        if not used:  # no record of where pieces lie: every shard file
+            return shard_files(self.path)
+        return [os.path.join(self.path, name) for name in sorted(used)]
 
     def keys(self) -> list[str]:
         return list(self._map)
@@ -196,8 +218,9 @@ def _load_entry(path: str, metadata: Any, fqn: str) -> torch.Tensor:
 
     Each shard piece is what DCP's `FileSystemReader` reads for it: a weights-only
     torch file at (offset, length) of its `.distcp` file. Read directly, a tensor
-    costs one read per piece; `dcp.load` (used for pieces stored with transforms,
-    such as compression) plans every call, several times slower per tensor.
+    costs one read per piece, straight into its place in the tensor; `dcp.load`
+    (used for pieces stored with transforms, such as compression) plans every
+    call, several times slower per tensor.
     """
     entry = metadata.state_dict_metadata[fqn]
     pieces = []
@@ -206,15 +229,12 @@ def _load_entry(path: str, metadata: Any, fqn: str) -> torch.Tensor:
         if item is None or getattr(item, "transform_descriptors", None):
             return _load_entry_through_dcp(path, metadata, fqn)
         pieces.append((chunk, item))
-    size = torch.Size(entry.size)
-    if len(pieces) == 1 and tuple(pieces[0][0].sizes) == tuple(size):
-        return _read_piece(path, pieces[0][1])
-    out = torch.empty(size, dtype=entry.properties.dtype)
+    out = torch.empty(torch.Size(entry.size), dtype=entry.properties.dtype)
     for chunk, item in pieces:
         region = out
         for dim, (start, length) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
             region = region.narrow(dim, int(start), int(length))
-        region.copy_(_read_piece(path, item))
+        _read_piece_into(path, item, region)
     return out
 
 
@@ -230,12 +250,84 @@ def _storage_item(metadata: Any, fqn: str, offsets: Any) -> Any:
     return index.get((fqn, tuple(offsets)))
 
 
-def _read_piece(path: str, item: Any) -> torch.Tensor:
-    with open(os.path.join(path, item.relative_path), "rb") as handle:
-        handle.seek(int(item.offset))
-        data = handle.read(int(item.length))
+def _read_piece_into(path: str, item: Any, region: torch.Tensor) -> None:
+    """Fill `region` with one piece: its raw bytes read straight into it when the piece is
+    one plain C-ordered tensor of that shape and dtype (the usual case), else through
+    `torch.load` and a copy (three copies of the bytes instead of one)."""
+    file = os.path.join(path, item.relative_path)
+    with open(file, "rb") as handle:
+        piece = _FileSlice(handle, int(item.offset), int(item.length))
+        layout = torch.load(piece, map_location="meta", weights_only=True)  # callers name the failure
+        start = _raw_start(layout, int(item.offset), int(item.length))
+        if start is None or layout.shape != region.shape or layout.dtype != region.dtype:
+            region.copy_(_read_piece(handle, file, item))
+            return
+        target = region if region.is_contiguous() else torch.empty(region.shape, dtype=region.dtype)
+        if target.numel():
+            handle.seek(start)
+            view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+            if handle.readinto(view) != len(view):
+                raise FormatError(f"{file}: truncated (a piece ends past the file)")
+        if target is not region:
+            region.copy_(target)
+
+
+def _raw_start(layout: Any, offset: int, length: int) -> int | None:
+    """Where in the file a piece's tensor bytes start, C-ordered and whole; None when not that simple.
+
+    A piece is a `torch.save` archive, which stores a tensor's storage uncompressed;
+    loaded onto the meta device, torch records the storage's offset in the archive.
+    (The bytes are taken in this machine's byte order, the order torch.save writes on
+    every platform torch builds for today.)
+    """
+    if type(layout) is not torch.Tensor or not layout.is_contiguous():
+        return None
+    record = getattr(layout.untyped_storage(), "_checkpoint_offset", None)
+    if not isinstance(record, int):
+        return None
+    start = offset + record + layout.storage_offset() * layout.element_size()
+    if start + layout.numel() * layout.element_size() > offset + length:
+        return None
+    return start
+
+
+class _FileSlice(io.RawIOBase):
+    """Bytes [start, start + length) of an open file as a seekable file of their own (one piece)."""
+
+    def __init__(self, handle: Any, start: int, length: int) -> None:
+        super().__init__()
+        self._handle, self._start, self._length, self._pos = handle, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        count = max(0, min(len(buffer), self._length - self._pos))
+        if count == 0:
+            return 0
+        self._handle.seek(self._start + self._pos)
+        got = self._handle.readinto(memoryview(buffer).cast("B")[:count]) or 0
+        self._pos += got
+        return got
+
+
+def _read_piece(handle: Any, file: str, item: Any) -> torch.Tensor:
+    """One piece through `torch.load` (of a copy of its bytes)."""
+    handle.seek(int(item.offset))
+    data = handle.read(int(item.length))
     if len(data) != int(item.length):
-        raise FormatError(f"{os.path.join(path, item.relative_path)}: truncated (a piece ends past the file)")
+        raise FormatError(f"{file}: truncated (a piece ends past the file)")
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 

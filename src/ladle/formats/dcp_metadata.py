@@ -11,11 +11,12 @@ from __future__ import annotations
 import io
 import os
 import pickle
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ladle.errors import FormatError
+
+if TYPE_CHECKING:  # imported when metadata is read: `ladle inspect` of a ladle checkpoint needs no torch
+    import torch
 
 METADATA_NAME = ".metadata"
 SHARD_SUFFIX = ".distcp"
@@ -27,9 +28,11 @@ _ALLOWED_GLOBALS = {
     ("torch", "Size"),
     ("collections", "OrderedDict"),
     # pathlib's classes as this Python pickles them (`pathlib._local` from 3.13) and as older ones did.
-    *((module, name) for module in ("pathlib", "pathlib._local") for name in (
-        "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"
-    )),
+    *(
+        (module, name)
+        for module in ("pathlib", "pathlib._local")
+        for name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")
+    ),
 }
 
 
@@ -96,6 +99,8 @@ class _MetadataUnpickler(pickle.Unpickler):
                 return found
         if (module, name) == _STORAGE_INFO and not self.dcp_classes:
             return _STAND_INS.setdefault(name, type(name, (_Record,), {}))
+        import torch
+
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         if (module, name) in _ALLOWED_GLOBALS:

@@ -2,13 +2,51 @@
 
 Accepts torch's own names ("float32", "bfloat16", "int64", "torch.float16") and
 the common short forms ("fp32", "bf16", "fp16", "half", "double", "long").
+
+Also what readers of file headers need without importing torch (about 1.5 s):
+element sizes and floating-ness by dtype name (`itemsize`, `is_floating_name`).
+Torch is imported only when a torch dtype is asked for.
 """
 
 from __future__ import annotations
 
-import torch
+import sys
+from typing import TYPE_CHECKING
 
 from ladle.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+# Bytes per element by torch's dtype name, for the dtypes checkpoints hold; any other
+# name is looked up in torch (`itemsize`).
+_ITEMSIZE = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2fnuz": 1,
+    "complex128": 16,
+    "complex64": 8,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint64": 8,
+    "uint32": 4,
+    "uint16": 2,
+    "uint8": 1,
+    "bool": 1,
+    "qint8": 1,
+    "quint8": 1,
+    "qint32": 4,
+    "quint4x2": 1,
+    "quint2x4": 1,
+}
+_FLOATING = frozenset(name for name in _ITEMSIZE if name.startswith(("float", "bfloat")))
 
 _ALIASES = {
     "fp32": "float32",
@@ -34,6 +72,8 @@ def parse_dtype(value: str | torch.dtype, *, field: str = "dtype", floating: boo
     `floating=True` accepts only floating dtypes (what averaging and casts
     write). `field` names the argument in the error.
     """
+    import torch
+
     if isinstance(value, torch.dtype):
         dtype = value
     else:
@@ -62,4 +102,32 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-__all__ = ["dtype_name", "parse_dtype", "parse_float_dtype"]
+def itemsize(name: str) -> int:
+    """Bytes per element of the dtype named `name` ("float32" -> 4), without torch when it can."""
+    size = _ITEMSIZE.get(name)
+    return size if size is not None else torch_dtype(name).itemsize
+
+
+def is_floating_name(name: str) -> bool:
+    """Whether the dtype named `name` is a floating dtype, without torch when it can."""
+    if name in _ITEMSIZE:
+        return name in _FLOATING
+    return torch_dtype(name).is_floating_point
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype named `name` ("float32" -> torch.float32); imports torch."""
+    import torch
+
+    found = getattr(torch, name, None)
+    if not isinstance(found, torch.dtype):
+        raise ConfigError(f"dtype {name!r} is not a torch dtype in torch {torch.__version__}")
+    return found
+
+
+def torch_loaded() -> bool:
+    """Whether torch is already imported (so no value can be a tensor unless it is)."""
+    return "torch" in sys.modules
+
+
+__all__ = ["dtype_name", "is_floating_name", "itemsize", "parse_dtype", "parse_float_dtype", "torch_dtype"]

@@ -13,6 +13,9 @@ Paths may be URLs (`s3://`, `gs://`, `memory://`, `file://`): safetensors files
 are read with ranged requests, tensor by tensor; a torch pickle, which
 `torch.load` needs as a real file, is downloaded to a temporary file that is
 deleted when the source is closed.
+
+Readers that need torch (pickles, DCP) are imported when such a file is opened, so
+opening a safetensors file or a ladle checkpoint does not import torch.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ladle.errors import CheckpointNotFound, CorruptCheckpoint, FormatError, first_line
-from ladle.formats.dcp import DcpSource, folder_step
 from ladle.formats.dcp_metadata import METADATA_NAME as DCP_METADATA
 from ladle.formats.dcp_metadata import is_dcp_dir
 from ladle.formats.safetensors_io import (
@@ -37,7 +39,6 @@ from ladle.formats.source import (
     TensorSource,
     normalize_prefixes,
 )
-from ladle.formats.torch_io import TorchSource, is_torch_file, torch_shards
 from ladle.store.paths import download, open_ranged, path_isfile, path_kind, path_size, read_path
 from ladle.store.storage import is_url, local_path_of
 
@@ -89,9 +90,13 @@ def _open_file(path: str, key: str | None, trust: bool) -> TensorSource:
             return _subset(ShardedSafetensorsSource(path), key)
         if is_url(path):
             raise FormatError(f"{path}: sharded torch pickles are read from local folders; copy it first")
+        from ladle.formats.torch_io import TorchSource, torch_shards
+
         return TorchSource(path, key=key, trust=trust, shards=torch_shards(path))
     if lower.endswith(".safetensors"):
         return _subset(SafetensorsSource(path), key)
+    from ladle.formats.torch_io import is_torch_file
+
     if is_torch_file(path):
         return _torch_source(path, key, trust)
     # Unknown suffix: trust the bytes, not the name.
@@ -111,6 +116,8 @@ def _open_file(path: str, key: str | None, trust: bool) -> TensorSource:
 
 def _torch_source(path: str, key: str | None, trust: bool) -> TensorSource:
     """A torch pickle; one on a store is downloaded first (deleted again on close)."""
+    from ladle.formats.torch_io import TorchSource
+
     if not is_url(path):
         return TorchSource(path, key=key, trust=trust)
     local = download(path)
@@ -142,6 +149,8 @@ def _open_dir(path: str, key: str | None, trust: bool) -> TensorSource:
 
 def _open_dcp(path: str, key: str | None, trust: bool) -> TensorSource:
     """A torch.distributed.checkpoint folder (torchtitan, Lightning, `dcp.save`)."""
+    from ladle.formats.dcp import DcpSource, folder_step
+
     source = DcpSource(path, key=key, trust=trust)
     if (step := folder_step(path)) is not None:
         source.metadata["step"] = step
@@ -178,6 +187,8 @@ def _open_ladle_checkpoint(path: str, key: str | None) -> TensorSource:
     if DCP_METADATA in files:
         # A sharded checkpoint: the DCP folder holds every model under its registered name.
         _check_size(os.path.join(path, DCP_METADATA), files[DCP_METADATA])
+        from ladle.formats.dcp import DcpSource
+
         source: TensorSource = DcpSource(path, key=name)
         recorded = {
             os.path.basename(f): str(files[os.path.basename(f)]["sha256"])

@@ -11,39 +11,55 @@ nothing after the last one. Files on a store are read by ranged requests
 from __future__ import annotations
 
 import json
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ladle.errors import FormatError, StorageError
+from ladle.formats.dtypes import itemsize
+from ladle.formats.gc_pause import paused_gc
 from ladle.store.paths import open_ranged
 from ladle.store.ranged import RangedFile
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "C64": torch.complex64,
+if TYPE_CHECKING:
+    import torch
+
+# Safetensors dtype -> torch's dtype name: headers are read and validated without torch.
+DTYPE_OF: dict[str, str] = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "C64": "complex64",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
 }
-for _name, _attr in (
-    ("U16", "uint16"),
-    ("U32", "uint32"),
-    ("U64", "uint64"),
-    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
-    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
-):
-    if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE_OF = {code: itemsize(name) for code, name in DTYPE_OF.items()}
+
+
+def __getattr__(name: str) -> Any:
+    """`DTYPES` (safetensors dtype -> torch dtype) and `DTYPE_NAMES` (the reverse), built on
+    first use: they need torch, which reading a header does not."""
+    if name not in ("DTYPES", "DTYPE_NAMES"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import torch
+
+    dtypes: dict[str, torch.dtype] = {
+        code: getattr(torch, attr) for code, attr in DTYPE_OF.items() if hasattr(torch, attr)
+    }
+    globals()["DTYPES"] = dtypes
+    globals()["DTYPE_NAMES"] = {v: k for k, v in dtypes.items()}
+    return globals()[name]
+
 
 MAX_HEADER = 100 << 20  # the format's own limit
 _MAX_NUMEL = (1 << 63) - 1  # torch sizes are int64; safetensors refuses any overflow too
@@ -64,7 +80,8 @@ def read_header(path: str, reader: RangedFile | None = None) -> tuple[int, dict[
                     f"{path}: not a safetensors file (header length {n} for {size} bytes); "
                     "is it truncated or another format?"
                 )
-            header = json.loads(handle.read(8, n))
+            with paused_gc():  # 100,000 entries: see gc_pause
+                header = json.loads(handle.read(8, n))
         finally:
             if reader is None:
                 handle.close()
@@ -74,7 +91,8 @@ def read_header(path: str, reader: RangedFile | None = None) -> tuple[int, dict[
         raise FormatError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise FormatError(f"{path}: safetensors header is not valid JSON; the file is damaged") from None
-    entries, metadata = validate_header(header, path, size - 8 - n)
+    with paused_gc():
+        entries, metadata = validate_header(header, path, size - 8 - n)
     return 8 + n, entries, metadata
 
 
@@ -93,7 +111,7 @@ def validate_header(header: Any, path: str, data_len: int) -> tuple[dict[str, An
 def _span_of(path: str, key: str, entry: Any) -> tuple[int, int, str]:
     """(begin, end, key) of one header entry, after checking its dtype, shape and size."""
     try:
-        dtype = DTYPES[entry["dtype"]]
+        size = _ITEMSIZE_OF[entry["dtype"]]
         shape = entry["shape"]
         begin, end = entry["data_offsets"]
     except KeyError as exc:
@@ -113,7 +131,7 @@ def _span_of(path: str, key: str, entry: Any) -> tuple[int, int, str]:
         numel *= d
         if numel > _MAX_NUMEL:
             raise FormatError(f"{path}: tensor {key!r} has an impossible shape {shape} (too many elements)")
-    if not 0 <= begin <= end or end - begin != numel * dtype.itemsize:
+    if not 0 <= begin <= end or end - begin != numel * size:
         raise FormatError(
             f"{path}: tensor {key!r} has {end - begin} bytes for shape {shape} "
             f"{entry['dtype']}; the file is damaged"

@@ -8,6 +8,8 @@ allocation, no page faults, nothing of the file mapped into the process, and
 each input byte crosses memory once. Files on a store (`s3://...`) are read the
 same way through `ladle.store.paths.open_ranged`: ranged requests for the
 header, then for the tensors in storage order, never a download of the whole file.
+Names, shapes and dtypes come from the header alone; torch is imported only when a
+tensor is read.
 """
 
 from __future__ import annotations
@@ -15,15 +17,17 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ladle.errors import FormatError
-from ladle.formats.safetensors_header import DTYPES, MAX_HEADER, read_header, validate_header
+from ladle.formats.gc_pause import paused_gc
+from ladle.formats.safetensors_header import DTYPE_OF, MAX_HEADER, read_header, validate_header
 from ladle.formats.source import ALIASES_KEY, TensorInfo, TensorSource
 from ladle.store.paths import open_ranged, path_isfile, read_path
 from ladle.store.ranged import RangedFile
+
+if TYPE_CHECKING:
+    import torch
 
 _WINDOW = 4 << 20  # bytes read at once when many small tensors are read in storage order
 
@@ -31,6 +35,10 @@ _WINDOW = 4 << 20  # bytes read at once when many small tensors are read in stor
 def tensors_from_buffer(buffer: bytearray, path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor of a safetensors file held in memory, as views of `buffer` (no copy), and
     its `__metadata__`; the header is validated like `read_header`'s."""
+    import torch
+
+    from ladle.formats.safetensors_header import DTYPES
+
     if len(buffer) < 8:
         raise FormatError(f"{path}: too short to be a safetensors file ({len(buffer)} bytes)")
     n = int.from_bytes(buffer[:8], "little")
@@ -76,11 +84,11 @@ class SafetensorsFile:
         # The spans tile the data section (checked by read_header): it ends at the largest end.
         ends = (entry["data_offsets"][1] for entry in self.entries.values())
         self._data_end = self.data_start + max(ends, default=0)
-        self._window: tuple[int, bytearray] = (0, bytearray())
+        self._window: tuple[int, bytes] = (0, b"")
 
     def info(self, key: str) -> TensorInfo:
         entry = self.entries[key]
-        return TensorInfo(torch.Size(entry["shape"]), DTYPES[entry["dtype"]])
+        return TensorInfo(entry["shape"], DTYPE_OF[entry["dtype"]])
 
     def _span(self, key: str) -> tuple[int, int]:
         begin, end = self.entries[key]["data_offsets"]  # integers: checked by read_header
@@ -88,6 +96,10 @@ class SafetensorsFile:
 
     def read_block(self, key: str, start: int, count: int, scratch: torch.Tensor | None) -> torch.Tensor:
         """Elements [start, start + count) of `key`, flat, read into `scratch` when it fits."""
+        import torch
+
+        from ladle.formats.safetensors_header import DTYPES
+
         dtype = DTYPES[self.entries[key]["dtype"]]
         offset, _ = self._span(key)
         nbytes = count * dtype.itemsize
@@ -106,20 +118,24 @@ class SafetensorsFile:
         Read through a window of the file (`_WINDOW` bytes at a time), so walking
         100,000 small tensors in storage order costs a few reads, not one each.
         """
-        offset, nbytes = self._span(key)
-        if nbytes > limit:
+        begin, end = self.entries[key]["data_offsets"]  # per call: kept lean for 100,000 keys
+        if end - begin > limit:
             return None
+        offset = self.data_start + begin
         start, window = self._window
-        if not (start <= offset and offset + nbytes <= start + len(window)):
-            size = max(nbytes, min(_WINDOW, self._data_end - offset))
-            window = bytearray(size)
+        if not (start <= offset and offset + end - begin <= start + len(window)):
+            size = max(end - begin, min(_WINDOW, self._data_end - offset))
+            buffer = bytearray(size)
             if size:
-                _read_exact(self._require_open(), memoryview(window), offset, self.path, key)
-            start, self._window = offset, (offset, window)
-        return bytes(window[offset - start : offset - start + nbytes])
+                _read_exact(self._require_open(), memoryview(buffer), offset, self.path, key)
+            start, window = offset, bytes(buffer)  # bytes: a slice is the answer, no second copy
+            self._window = (start, window)
+        return window[offset - start : offset - start + end - begin]
 
     def read(self, key: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor `key`; read into the flat uint8 `scratch` when it is large enough."""
+        import torch
+
         shape, dtype = self.info(key)
         begin, end = (int(x) for x in self.entries[key]["data_offsets"])
         nbytes = end - begin
@@ -187,7 +203,7 @@ class SafetensorsSource(TensorSource):
         entries = self._file.entries
         self._aliases = aliases_from_metadata(self.metadata, entries)
         stored = [k for k in entries if k not in self._aliases]
-        self._keys = sorted(stored, key=lambda k: int(entries[k]["data_offsets"][0]))
+        self._keys = sorted(stored, key=lambda k: entries[k]["data_offsets"][0])  # ints: validated
         self._keys += list(self._aliases)
 
     def keys(self) -> list[str]:
@@ -196,6 +212,17 @@ class SafetensorsSource(TensorSource):
     def info(self, key: str) -> TensorInfo:
         self._require(key)
         return self._file.info(self._aliases.get(key, key))
+
+    def infos(self) -> dict[str, TensorInfo]:
+        if self.closed:
+            self._require("")
+        entries, aliases = self._file.entries, self._aliases
+        out = {}
+        with paused_gc():
+            for key in self._keys:
+                entry = entries[aliases.get(key, key)]
+                out[key] = TensorInfo(entry["shape"], DTYPE_OF[entry["dtype"]])
+        return out
 
     def tensor(self, key: str) -> torch.Tensor:
         self._require(key)
@@ -214,8 +241,13 @@ class SafetensorsSource(TensorSource):
         return self._file.path, self._file._span(self._aliases.get(key, key))[0]
 
     def small_bytes(self, key: str, limit: int) -> bytes | None:
-        self._require(key)
-        return self._file.small_bytes(self._aliases.get(key, key), limit)
+        if self.closed:
+            self._require(key)
+        try:
+            return self._file.small_bytes(self._aliases.get(key, key), limit)
+        except KeyError:
+            self._require(key)  # names the unknown key
+            raise
 
     def ties(self) -> dict[str, str]:
         return dict(self._aliases)
@@ -270,6 +302,11 @@ class ShardedSafetensorsSource(TensorSource):
     def info(self, key: str) -> TensorInfo:
         self._require(key)
         return self._where[key].info(self._aliases.get(key, key))
+
+    def infos(self) -> dict[str, TensorInfo]:
+        if self.closed:
+            self._require("")
+        return {key: self._where[key].info(self._aliases.get(key, key)) for key in self._keys}
 
     def tensor(self, key: str) -> torch.Tensor:
         self._require(key)

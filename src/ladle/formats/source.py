@@ -5,19 +5,25 @@ expose names, shapes and dtypes without reading data (`keys()`, `info()`), and
 hand out one tensor at a time (`tensor()`). Every reader of `ladle.formats`
 returns a subclass of `TensorSource`; `DictSource` wraps an in-memory state dict
 so Python callers can average tensors they already hold.
+
+Nothing here imports torch at module level: `ladle inspect` of a safetensors file
+or a ladle checkpoint describes tensors from headers alone, without paying for torch.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ladle.errors import FormatError
+from ladle.formats.dtypes import dtype_name, is_floating_name, itemsize, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("ladle")
 
@@ -28,19 +34,69 @@ ALIASES_KEY = "ladle.aliases"
 COMMON_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
-class TensorInfo(NamedTuple):
-    """Shape and dtype of one stored tensor (unpacks as `shape, dtype`)."""
+class TensorInfo:
+    """Shape and dtype of one stored tensor (unpacks as `shape, dtype`, like a pair).
 
-    shape: torch.Size
-    dtype: torch.dtype
+    Held as plain values, `dims` (a tuple of ints) and `dtype_name` ("float32"), so that
+    readers of file headers build it without torch; `shape` (a torch.Size) and `dtype`
+    (a torch.dtype) are converted when asked for, which imports torch. `numel`,
+    `nbytes`, `itemsize` and `is_floating_point` need no torch.
+    """
+
+    __slots__ = ("dims", "dtype_name")
+
+    def __init__(self, shape: Iterable[int], dtype: torch.dtype | str) -> None:
+        self.dims: tuple[int, ...] = tuple(shape)
+        self.dtype_name: str = dtype if isinstance(dtype, str) else dtype_name(dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        import torch
+
+        return torch.Size(self.dims)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype_name)
 
     @property
     def numel(self) -> int:
-        return int(self.shape.numel())
+        return math.prod(self.dims)
+
+    @property
+    def itemsize(self) -> int:
+        return itemsize(self.dtype_name)
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return self.numel * itemsize(self.dtype_name)
+
+    @property
+    def is_floating_point(self) -> bool:
+        return is_floating_name(self.dtype_name)
+
+    def __iter__(self) -> Iterator[Any]:
+        yield self.shape
+        yield self.dtype
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> Any:
+        return (self.shape, self.dtype)[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, TensorInfo):
+            return self.dims == other.dims and self.dtype_name == other.dtype_name
+        if isinstance(other, tuple):
+            return tuple(self) == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.dims, self.dtype_name))
+
+    def __repr__(self) -> str:
+        return f"TensorInfo(shape={list(self.dims)}, dtype={self.dtype_name})"
 
 
 class TensorSource(ABC):
@@ -69,6 +125,11 @@ class TensorSource(ABC):
     @abstractmethod
     def info(self, key: str) -> TensorInfo:
         """Shape and dtype of `key`, without reading its data."""
+
+    def infos(self) -> dict[str, TensorInfo]:
+        """`{key: info(key)}` for every key, in key order. Readers that hold a header answer
+        in one pass over it, which matters for a model of 100,000 tensors (inspect, diff)."""
+        return {key: self.info(key) for key in self.keys()}
 
     @abstractmethod
     def tensor(self, key: str) -> torch.Tensor:
@@ -186,6 +247,8 @@ class DictSource(TensorSource):
         path: str = "<state dict>",
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
+        import torch
+
         super().__init__()
         self.path = path
         bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
@@ -283,6 +346,10 @@ class RenamedSource(TensorSource):
     def info(self, key: str) -> TensorInfo:
         self._require(key)
         return self.inner.info(self._map[key])
+
+    def infos(self) -> dict[str, TensorInfo]:
+        inner = self.inner.infos()
+        return {key: inner[name] for key, name in self._map.items()}
 
     def tensor(self, key: str) -> torch.Tensor:
         self._require(key)

@@ -81,7 +81,6 @@ def _legacy_pickle(path: str) -> bool:
         return False
 
 
-
 def _unsafe_globals(path: str) -> str:
     """The classes a pickle names beyond torch's and ladle's allow-lists (`safe_globals`)."""
     allowed = safe_global_names()

@@ -227,24 +227,28 @@ def remove_stale_staging(root: str | None = None) -> list[str]:
     A killed `avg`/`soup`/`export` to a URL cannot delete its local copy (up to the size of
     the output); the next upload on this machine does, leaving live writers' folders alone.
     """
-    root = root or tempfile.gettempdir()
-    pattern = re.compile(rf"^{re.escape(STAGING_PREFIX)}(\d+)-")
     removed = []
-    try:
-        entries = os.listdir(root)
-    except OSError:
-        return removed
-    for entry in entries:
-        match = pattern.match(entry)
-        if match is None or _pid_alive(int(match.group(1))):
-            continue
-        stale = os.path.join(root, entry)
+    pattern = re.compile(rf"^{re.escape(STAGING_PREFIX)}(\d+)-")
+    for stale in _left_by_dead_writers(root or tempfile.gettempdir(), pattern):
         if os.path.islink(stale) or not os.path.isdir(stale):
             continue
         shutil.rmtree(stale, ignore_errors=True)
         log.info("removed %s, left by an upload that was killed", stale)
         removed.append(stale)
     return removed
+
+
+def _left_by_dead_writers(folder: str, pattern: re.Pattern[str]) -> Iterator[str]:
+    """Paths in `folder` whose names match `pattern` (group 1: the writer's pid) and whose
+    writer no longer runs on this machine."""
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.match(entry)
+        if match is not None and not _pid_alive(int(match.group(1))):
+            yield os.path.join(folder, entry)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -268,15 +272,7 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[str]:
     folder, name = os.path.split(final)
     pattern = re.compile(rf"^\.{re.escape(name)}\.tmp-(\d+)-[0-9a-f]+$")
     removed = []
-    try:
-        entries = os.listdir(folder)
-    except OSError:
-        return removed
-    for entry in entries:
-        match = pattern.match(entry)
-        if match is None or _pid_alive(int(match.group(1))):
-            continue
-        stale = os.path.join(folder, entry)
+    for stale in _left_by_dead_writers(folder, pattern):
         try:
             os.remove(stale)
         except FileNotFoundError:

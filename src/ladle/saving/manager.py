@@ -52,6 +52,7 @@ from ladle.saving.sharded import (
     checkpoint_group,
     distributed,
     holds_sharded_tensors,
+    is_sharded_checkpoint,
 )
 from ladle.state.model_weights import load_model_weights
 from ladle.state.readers import EMA_NAME, read_ema_weights, read_model_weights
@@ -193,8 +194,6 @@ class CheckpointManager:
         self._stager = HostStager()  # its buffers are reused from one background save to the next
         # A sharded background save runs its collectives on a group of its own.
         self._save_group = checkpoint_group() if self.sharded and self.async_save else None
-        if self.sharded and EMA_NAME in self.objects:
-            raise ConfigError("an EMA of a sharded model is not supported yet; drop ema= or sharded=True")
         if save_on_signal:
             self._signals.install()
 
@@ -464,6 +463,8 @@ class CheckpointManager:
             extras=dict(self.extras),
         )
         in_files = {} if self.sharded else models
+        if self.sharded:
+            ema_weights = None  # saved through DCP beside the models (ShardedCheckpointer.state)
         copy = self._stager.session() if host_copy else None
         return checkpoint_files(payload, in_files, ema_weights, copy=copy)
 
@@ -522,12 +523,21 @@ class CheckpointManager:
         return ShardedCheckpointer.of(self.objects, group=group)
 
     def restore_best(self) -> CheckpointInfo | None:
-        """Load the best checkpoint's model weights into the live models, and its EMA into the EMA."""
+        """Load the best checkpoint's model weights into the live models, and its EMA into the EMA.
+
+        In a sharded run this reads through DCP: a collective call, made on every rank.
+        """
         self._check_open()
         best = self.best
         if best is None:
             log.warning("restore_best: no checkpoint has a finite %r", self.monitor)
             return None
+        if self.sharded and is_sharded_checkpoint(best):
+            with_ema = self.ema is not None and bool(best.extra.get("ema"))
+            if self.ema is not None and not with_ema:
+                log.warning("restore_best: %s holds no EMA weights; the EMA is left as it is", best.name)
+            self._checkpointer().load_weights_into(best, ema=with_ema)  # the EMA keeps its counters
+            return best
         weights = read_model_weights(self.run.storage, best, self._models(), strict=True)
         ema_weights = read_ema_weights(self.run.storage, best) if self.ema is not None else None
         if self.ema is not None and ema_weights is None:

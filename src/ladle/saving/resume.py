@@ -187,7 +187,7 @@ def _read_sharded(manager: CheckpointManager, run: Run, info: CheckpointInfo, *,
         in_files={*checkpointer.models, *checkpointer.optimizers},
         load_files=lambda: checkpointer.load_into(info),
         rng=rank_payload.get("rng"),
-        ema_weights=None,  # a sharded manager has no EMA
+        ema_weights=checkpointer.ema_weights(),  # the EMA's own tensors, which `load_files` fills
     )
 
 

@@ -15,12 +15,11 @@ and apart they would have to import each other.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
-
-import torch
 
 from ladle.state.pickle_scan import Opaque, TensorStub
 
@@ -130,7 +129,7 @@ def classify(name: str, value: Any) -> StateKind:
         return StateKind.GRAD_SCALER
     if "ema" in tokens or "averaged" in tokens or "swa" in tokens:
         return StateKind.EMA
-    if _tensor_mapping(value) or isinstance(value, torch.nn.Module):
+    if _tensor_mapping(value) or _module(value):
         return StateKind.WEIGHTS
     if "rng" in lowered or "random" in tokens or "generator" in tokens:
         return StateKind.RNG
@@ -165,8 +164,20 @@ def _scaler_like(value: Any) -> bool:
     return isinstance(value, Mapping) and "scale" in value and "growth_factor" in value
 
 
+def _real_tensor(value: Any) -> bool:
+    # Before torch is imported nothing can be a tensor: checking costs no import (a ladle
+    # checkpoint's state.pt is described from its pickle scan, without torch).
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _module(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.nn.Module)
+
+
 def _is_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor | TensorStub)
+    return isinstance(value, TensorStub) or _real_tensor(value)
 
 
 def _tensor_mapping(value: Any) -> bool:
@@ -202,7 +213,7 @@ def count_tensors(value: Any, _depth: int = 0) -> tuple[int, int]:
         if id(item) in seen:
             continue
         seen.add(id(item))
-        if isinstance(item, torch.Tensor):
+        if _real_tensor(item):
             count, nbytes = count + 1, nbytes + item.numel() * item.element_size()
             continue
         if isinstance(item, TensorStub):
@@ -215,7 +226,7 @@ def count_tensors(value: Any, _depth: int = 0) -> tuple[int, int]:
             children = item.values()
         elif isinstance(item, list | tuple):
             children = item
-        elif isinstance(item, torch.nn.Module):
+        elif _module(item):
             children = item.state_dict().values()
         elif isinstance(item, Opaque):
             children = [item.args, item.state, item.items, item.list]
@@ -350,7 +361,7 @@ def _rng(value: Any) -> str:
 
 
 def _ema(value: Any) -> str:
-    if _tensor_mapping(value) or isinstance(value, torch.nn.Module):
+    if _tensor_mapping(value) or _module(value):
         return "EMA weights: " + _weights(value)
     if isinstance(value, Mapping):
         parts = []
@@ -384,10 +395,10 @@ def _manager(value: Mapping[str, Any]) -> str:
 
 
 def _weights(value: Any) -> str:
-    if isinstance(value, torch.nn.Module):
+    if _module(value):
         value = value.state_dict()
     tensors = [v for v in value.values() if _is_tensor(v)] if isinstance(value, Mapping) else []
-    numel = sum(t.numel() if isinstance(t, torch.Tensor) else t.numel for t in tensors)
+    numel = sum(t.numel() if _real_tensor(t) else t.numel for t in tensors)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors if t.dtype is not None})
     return f"{len(tensors)} tensors, {format_count(numel)} elements ({', '.join(dtypes) or '?'})"
 
@@ -421,7 +432,7 @@ def _fields(value: Mapping[Any, Any], preferred: Sequence[str], limit: int = 4) 
 def _number(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
+    if _real_tensor(value) and value.numel() == 1:
         return f"{value.item():.6g}"
     return str(value)
 

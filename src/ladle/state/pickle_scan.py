@@ -17,12 +17,11 @@ import io
 import pickle
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
-import torch
-
 from ladle.errors import FormatError
+from ladle.formats.dtypes import itemsize
 
 # The legacy (pre-zip) torch format starts with this pickled integer.
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -30,10 +29,11 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 @dataclass(kw_only=True, frozen=True)
 class TensorStub:
-    """A tensor's shape and dtype as recorded in a pickle; its data is never read."""
+    """A tensor's shape and dtype (torch's name, "float32") as recorded in a pickle; its data
+    is never read, and torch is not imported."""
 
     shape: tuple[int, ...]
-    dtype: torch.dtype | None
+    dtype: str | None
 
     @property
     def numel(self) -> int:
@@ -44,12 +44,12 @@ class TensorStub:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * (self.dtype.itemsize if self.dtype is not None else 0)
+        return self.numel * (itemsize(self.dtype) if self.dtype is not None else 0)
 
 
 @dataclass(kw_only=True, frozen=True)
 class _StorageStub:
-    dtype: torch.dtype | None
+    dtype: str | None
 
 
 class Opaque:
@@ -84,33 +84,39 @@ class Opaque:
         return f"<{self.global_name}>"
 
 
-def _storage_dtypes() -> dict[str, torch.dtype]:
-    """`{"FloatStorage": torch.float32, ...}`: the storage classes torch pickles name."""
-    try:
-        table = torch.storage._dtype_to_storage_type_map()
-    except AttributeError:  # a private helper; fall back to the common names
-        table = {
-            torch.float32: "FloatStorage",
-            torch.float64: "DoubleStorage",
-            torch.float16: "HalfStorage",
-            torch.bfloat16: "BFloat16Storage",
-            torch.int64: "LongStorage",
-            torch.int32: "IntStorage",
-            torch.uint8: "ByteStorage",
-            torch.bool: "BoolStorage",
-        }
-    return {name: dtype for dtype, name in table.items()}
+# The storage classes torch pickles name -> the dtype each holds (torch's names), as
+# `torch.storage._dtype_to_storage_type_map()` lists them; written out so that scanning
+# a pickle needs no torch.
+_STORAGE_DTYPES = {
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "BFloat16Storage": "bfloat16",
+    "ComplexDoubleStorage": "complex128",
+    "ComplexFloatStorage": "complex64",
+    "QInt8Storage": "qint8",
+    "QInt32Storage": "qint32",
+    "QUInt8Storage": "quint8",
+    "QUInt4x2Storage": "quint4x2",
+    "QUInt2x4Storage": "quint2x4",
+}
 
 
-def _storage_dtype(storage_type: Any) -> torch.dtype | None:
+def _storage_dtype(storage_type: Any) -> str | None:
     module, _, attr = getattr(storage_type, "global_name", "").rpartition(".")
-    return _storage_dtypes().get(attr) if module == "torch" else None
+    return _STORAGE_DTYPES.get(attr) if module == "torch" else None
 
 
 def is_storage_global(name: str) -> bool:
     """Whether `module.name` is one of torch's storage classes (harmless in any checkpoint)."""
     module, _, attr = name.rpartition(".")
-    return module == "torch" and (attr in _storage_dtypes() or attr == "UntypedStorage")
+    return module == "torch" and (attr in _STORAGE_DTYPES or attr == "UntypedStorage")
 
 
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, *rest: Any) -> TensorStub:
@@ -143,6 +149,7 @@ class _ScanUnpickler(pickle.Unpickler):
     def __init__(self, file: IO[bytes]) -> None:
         super().__init__(file)
         self.globals_seen: list[str] = []
+        self.storages: list[tuple[str, str | None, int]] = []
 
     def find_class(self, module: str, name: str) -> Any:
         known = _KNOWN.get((module, name))
@@ -155,7 +162,10 @@ class _ScanUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         if isinstance(pid, tuple) and len(pid) >= 2 and pid[0] == "storage":
-            return _StorageStub(dtype=_storage_dtype(pid[1]))
+            dtype = _storage_dtype(pid[1])
+            if len(pid) >= 5 and isinstance(pid[4], int):
+                self.storages.append((str(pid[2]), dtype, pid[4]))
+            return _StorageStub(dtype=dtype)
         return Opaque()
 
 
@@ -166,6 +176,8 @@ class PickleScan:
     obj: Any
     globals: list[str]
     """Every module.name the pickle refers to, beyond the few ladle understands."""
+    storages: list[tuple[str, str | None, int]] = field(default_factory=list)
+    """(key, dtype name, elements) of each tensor storage the pickle refers to."""
 
 
 def scan_pickle(path: str) -> PickleScan:
@@ -205,4 +217,35 @@ def scan_pickle(path: str) -> PickleScan:
 def _scan(handle: IO[bytes]) -> PickleScan:
     unpickler = _ScanUnpickler(handle)
     obj = unpickler.load()
-    return PickleScan(obj=obj, globals=unpickler.globals_seen)
+    return PickleScan(obj=obj, globals=unpickler.globals_seen, storages=unpickler.storages)
+
+
+def check_torch_archive(path: str) -> list[str] | None:
+    """Check the structure of a file torch.save wrote, without torch: the zip container
+    opens, its pickle replays (nothing runs), and every tensor storage it refers to is in
+    the archive, whole. Raises FormatError for a damaged file.
+
+    Returns the globals the pickle names beyond tensors and plain containers (only
+    torch's weights-only loader can judge those), or None for a file that is not a zip
+    (the legacy format): then the caller loads it with torch to check it.
+    """
+    if not zipfile.is_zipfile(path):
+        return None
+    scan = scan_pickle(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            sizes = {info.filename: info.file_size for info in archive.infolist()}
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise FormatError(f"{path}: not a readable torch checkpoint ({exc})") from None
+    pickles = [n for n in sizes if n.endswith("data.pkl")]
+    prefix = min(pickles, key=len)[: -len("data.pkl")]
+    for key, dtype, numel in scan.storages:
+        name = f"{prefix}data/{key}"
+        if name not in sizes:
+            raise FormatError(f"{path}: tensor storage {key} is missing; the file is damaged")
+        need = numel * itemsize(dtype) if dtype is not None else 0
+        if sizes[name] < need:
+            raise FormatError(
+                f"{path}: tensor storage {key} holds {sizes[name]} bytes, not {need}; the file is damaged"
+            )
+    return scan.globals

@@ -4,7 +4,8 @@ The counterpart of what the save engine writes for `CheckpointManager`:
 `<name>.safetensors` per registered `nn.Module` (tied tensors restored from the
 file's alias metadata), `state.pt` (every other object's state, loaded with
 `weights_only=True`, so reading never runs code from the checkpoint) and
-`ema.safetensors`. Every failure to read is a `CorruptCheckpoint` naming the
+`ema.safetensors` (in a sharded checkpoint, the `ema` entry of its DCP folder).
+Every failure to read is a `CorruptCheckpoint` naming the
 file, so `resume(fallback=True)` can move on to an older checkpoint; weights
 that do not fit a live model are a `StateMismatch`. Nothing here changes a live
 object: the manager loads what these functions return only once everything is
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from ladle.errors import CorruptCheckpoint, StateMismatch, first_line
+from ladle.formats.dcp_metadata import METADATA_NAME as DCP_METADATA
 from ladle.formats.safetensors_io import tensors_from_buffer
 from ladle.state.model_weights import ALIASES_KEY, STATE_FORMAT, check_model_fits, with_aliases
 from ladle.store.checkpoint import CheckpointInfo
@@ -37,7 +39,8 @@ log = logging.getLogger("ladle")
 STATE_FILE = "state.pt"
 """The training-state payload of a manager checkpoint."""
 EMA_NAME = "ema"
-"""The registered name of a `ladle.EMA`; its weights go to `ema.safetensors`."""
+"""The registered name of a `ladle.EMA`; its weights go to `ema.safetensors` (in a sharded
+checkpoint: to the DCP entry `ema`, beside the models)."""
 _FALLBACK_HINT = "resume(fallback=True) uses the previous good checkpoint"
 
 
@@ -131,11 +134,17 @@ def read_state(storage: Storage, info: CheckpointInfo, *, verify: bool = False) 
 def read_ema_weights(
     storage: Storage, info: CheckpointInfo, *, verify: bool = False
 ) -> dict[str, torch.Tensor] | None:
-    """The EMA weights from `ema.safetensors`; None when the checkpoint has none."""
+    """The EMA weights from `ema.safetensors`; None when the checkpoint has none.
+
+    A sharded checkpoint's EMA is read whole from its DCP folder, in this one process
+    (a local checkpoint; a sharded run restores it resharded through DCP instead).
+    """
     from safetensors import safe_open
 
     filename = f"{EMA_NAME}.safetensors"
     if filename not in info.files:
+        if DCP_METADATA in info.files and info.extra.get("ema"):
+            return _read_dcp_ema(storage, info)
         return None
     try:
         if verify and storage.local_path(info.file(filename)) is not None:
@@ -151,6 +160,24 @@ def read_ema_weights(
         raise
     except Exception as exc:
         raise CorruptCheckpoint(f"{info.file(filename)}: cannot be read ({exc}); {_FALLBACK_HINT}") from exc
+
+
+def _read_dcp_ema(storage: Storage, info: CheckpointInfo) -> dict[str, torch.Tensor]:
+    """The full EMA weights of a sharded checkpoint, assembled tensor by tensor from its DCP shards."""
+    from ladle.formats.dcp import load_dcp_state_dict
+
+    local = storage.local_path(info.path)
+    if local is None:
+        raise CorruptCheckpoint(
+            f"{info.path}: the EMA of a sharded checkpoint is read from a local folder; copy it first"
+        )
+    try:
+        return load_dcp_state_dict(local, key=EMA_NAME)
+    except Exception as exc:
+        raise CorruptCheckpoint(
+            f"{info.file(DCP_METADATA)}: its EMA weights cannot be read ({_first_line(exc)}); "
+            f"{_FALLBACK_HINT}"
+        ) from exc
 
 
 def _first_line(exc: BaseException) -> str:

@@ -195,7 +195,6 @@ def best_of(checkpoints: Iterable[CheckpointInfo], metric: str, mode: Mode | str
     return min(scored, key=lambda c: (sort_key(c.metrics[metric], mode), c.seq))
 
 
-
 def parse_meta(raw: bytes, path: str, name: str | None = None) -> CheckpointInfo | None:
     """The checkpoint a meta.json's bytes describe, or None (with a warning) when invalid.
 

@@ -41,4 +41,3 @@ def sha256_mapped(storage: Storage, path: str) -> str:
         return sha256_file(storage, path)
     with map_file(local) as mapped:
         return hashlib.sha256(mapped).hexdigest()
-

@@ -19,6 +19,7 @@ carry no checksums. `verify_foreign` checks what can be checked without
 checksums (weights parse, shards complete) and never calls a folder damaged
 because it lacks ladle's marker.
 """
+
 from __future__ import annotations
 
 import logging

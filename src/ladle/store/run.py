@@ -416,4 +416,3 @@ class Run:
         }
         with atomic_write(self.storage, self.storage.join(self.path, INDEX_NAME)) as handle:
             handle.write(json.dumps(data, indent=1).encode())
-

@@ -4,24 +4,29 @@ Keys only in one side, shape and dtype changes, and for every shared tensor
 whether it is bitwise identical, else its L2 distance `||B - A||`, relative
 change `||B - A|| / ||A||` and largest absolute difference. Tensors are read one
 pair at a time and compared in float64 chunks, so two large checkpoints never
-sit in memory at once and the distances do not lose precision.
+sit in memory at once and the distances do not lose precision. Small tensors (a
+model of 100,000 of them) are compared by their stored bytes and measured in
+batches with numpy, so a diff of such files need not import torch.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ladle.errors import ConfigError
-from ladle.formats import TensorSource, load_source
+from ladle.formats.dtypes import itemsize
+from ladle.formats.gc_pause import paused_gc
+from ladle.formats.load import load_source
+from ladle.formats.source import TensorInfo, TensorSource
 from ladle.store.refs import resolve_checkpoint
+
+if TYPE_CHECKING:
+    import torch
 
 _CHUNK = 1 << 22  # elements compared at a time (32 MiB in float64)
 
@@ -35,7 +40,7 @@ class DiffSort(str, Enum):
     NAME = "name"
 
 
-@dataclass(kw_only=True, frozen=True)
+@dataclass(kw_only=True, frozen=True, slots=True)
 class TensorChange:
     """One tensor present in both checkpoints that is not identical."""
 
@@ -169,49 +174,49 @@ def diff_sources(
     except ValueError:
         allowed = ", ".join(repr(s.value) for s in DiffSort)
         raise ConfigError(f"sort={sort!r} is not allowed; use one of {allowed}") from None
-    keys_a, keys_b = a.keys(), b.keys()
-    set_a, set_b = set(keys_a), set(keys_b)
+    with paused_gc():  # records for 100,000 tensors (a MoE model): see gc_pause
+        return _diff(a, b, float(atol), order)
+
+
+def _diff(a: TensorSource, b: TensorSource, atol: float, order: DiffSort) -> Diff:
+    # Every name, shape and dtype in one pass over each header.
+    infos_a, infos_b = a.infos(), b.infos()
     result = Diff(
         a=a.path,
         b=b.path,
-        only_a=[k for k in keys_a if k not in set_b],
-        only_b=[k for k in keys_b if k not in set_a],
-        atol=float(atol),
+        only_a=[k for k in infos_a if k not in infos_b],
+        only_b=[k for k in infos_b if k not in infos_a],
+        atol=atol,
     )
     batch: list[tuple[dict[str, Any], bytes, bytes]] = []
-    for key in keys_a:
-        if key not in set_b:
+    small_a, small_b = a.small_bytes, b.small_bytes  # bound once: called per key
+    for key, info_a in infos_a.items():
+        info_b = infos_b.get(key)
+        if info_b is None:
             continue
-        info_a, info_b = a.info(key), b.info(key)
-        if batch and _dtype(info_a.dtype) != batch[0][0]["dtype_a"]:
-            _measure_batch(batch, _DTYPES[batch[0][0]["dtype_a"]], result, atol)
-        shape_a, shape_b = tuple(info_a.shape), tuple(info_b.shape)
-        names = {
-            "name": key,
-            "shape_a": shape_a,
-            "shape_b": shape_b,
-            "dtype_a": _dtype(info_a.dtype),
-            "dtype_b": _dtype(info_b.dtype),
-        }
-        if shape_a != shape_b:
-            result.shape_changes.append(TensorChange(**names))
+        # Names and shapes come from the headers as plain values: no torch objects per key.
+        dtype_a, dtype_b = info_a.dtype_name, info_b.dtype_name
+        if batch and dtype_a != batch[0][0]["dtype_a"]:
+            _measure_batch(batch, result, atol)
+        if info_a.dims != info_b.dims:
+            result.shape_changes.append(TensorChange(**_names(key, info_a, info_b)))
             continue
-        if info_a.dtype == info_b.dtype and _batchable(info_a.dtype):
+        if dtype_a == dtype_b and _batchable(dtype_a):
             # Small tensors (a model of 100,000 of them): compare stored bytes, and
             # measure the changed ones together, instead of building tensors per pair.
-            bytes_a = a.small_bytes(key, _SMALL_BYTES)
-            bytes_b = b.small_bytes(key, _SMALL_BYTES) if bytes_a is not None else None
+            bytes_a = small_a(key, _SMALL_BYTES)
+            bytes_b = small_b(key, _SMALL_BYTES) if bytes_a is not None else None
             if bytes_a is not None and bytes_b is not None:
                 if bytes_a == bytes_b:
                     result.identical += 1
                 else:
-                    batch.append((names, bytes_a, bytes_b))
+                    batch.append((_names(key, info_a, info_b), bytes_a, bytes_b))
                     if len(batch) >= _BATCH:
-                        _measure_batch(batch, info_a.dtype, result, atol)
+                        _measure_batch(batch, result, atol)
                 continue
         ta, tb = a.tensor(key), b.tensor(key)
         try:
-            if info_a.dtype == info_b.dtype and _bitwise_equal(ta, tb):
+            if dtype_a == dtype_b and _bitwise_equal(ta, tb):
                 result.identical += 1
                 continue
             l2, relative, max_abs = distance(ta, tb)
@@ -219,46 +224,83 @@ def diff_sources(
             del ta, tb
             a.release(key)
             b.release(key)
-        change = TensorChange(**names, l2=l2, relative=relative, max_abs=max_abs)
-        if info_a.dtype != info_b.dtype:
+        change = TensorChange(**_names(key, info_a, info_b), l2=l2, relative=relative, max_abs=max_abs)
+        if dtype_a != dtype_b:
             result.dtype_changes.append(change)
         elif atol > 0 and max_abs <= atol:
             result.identical += 1
         else:
             result.value_changes.append(change)
     if batch:
-        _measure_batch(batch, _DTYPES[batch[0][0]["dtype_a"]], result, atol)
+        _measure_batch(batch, result, atol)
     result.value_changes.sort(key=_sort_key(order))
     result.dtype_changes.sort(key=_sort_key(order))
     return result
 
 
+def _names(key: str, info_a: TensorInfo, info_b: TensorInfo) -> dict[str, Any]:
+    """The fields of a TensorChange that say what changed (built only for changed tensors)."""
+    return {
+        "name": key,
+        "shape_a": info_a.dims,
+        "shape_b": info_b.dims,
+        "dtype_a": info_a.dtype_name,
+        "dtype_b": info_b.dtype_name,
+    }
+
+
 _SMALL_BYTES = 1 << 16  # tensors up to this size are compared by their bytes, in batches
 _BATCH = 4096  # changed small tensors measured together
-_DTYPES = {
-    _name: _value
-    for _name, _value in ((str(d).replace("torch.", ""), d) for d in vars(torch).values())
-    if isinstance(_value, torch.dtype)
+
+
+# Dtypes whose small tensors are compared in batches with numpy (bfloat16 through its
+# float32 bit pattern): a diff of such files never imports torch (1-2 s) unless a tensor
+# is too large to batch. Other dtypes (float8, complex) go through `distance()`.
+_NUMPY_DTYPES = {
+    "float64": "<f8",
+    "float32": "<f4",
+    "float16": "<f2",
+    "int64": "<i8",
+    "int32": "<i4",
+    "int16": "<i2",
+    "int8": "i1",
+    "uint64": "<u8",
+    "uint32": "<u4",
+    "uint16": "<u2",
+    "uint8": "u1",
+    "bool": "?",
 }
 
 
-def _batchable(dtype: torch.dtype) -> bool:
-    return not dtype.is_complex and dtype.itemsize > 0
+def _batchable(dtype: str) -> bool:
+    return dtype in _NUMPY_DTYPES or dtype == "bfloat16"
 
 
-def _measure_batch(
-    batch: list[tuple[dict[str, Any], bytes, bytes]], dtype: torch.dtype, result: Diff, atol: float
-) -> None:
-    """`distance()` of many small same-dtype pairs at once (per-pair sums by segment)."""
-    lengths = torch.tensor([len(raw_a) // dtype.itemsize for _, raw_a, _ in batch])
-    flat_a = torch.frombuffer(bytearray(b"".join(r for _, r, _ in batch)), dtype=dtype).to(torch.float64)
-    flat_b = torch.frombuffer(bytearray(b"".join(r for _, _, r in batch)), dtype=dtype).to(torch.float64)
-    segment = torch.repeat_interleave(torch.arange(len(batch)), lengths)
-    delta = (flat_b - flat_a).abs()
-    zeros = torch.zeros(len(batch), dtype=torch.float64)
-    diff_sq = zeros.index_add(0, segment, delta.square()).tolist()
-    norm_sq = zeros.index_add(0, segment, flat_a.square()).tolist()
-    max_abs = zeros.scatter_reduce(0, segment, delta, "amax").tolist()
+def _as_float64_array(raw: bytes, dtype: str) -> Any:
+    import numpy as np
+
+    if dtype == "bfloat16":  # the upper half of a float32: exact
+        wide = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+        return wide.view(np.float32).astype(np.float64)
+    return np.frombuffer(raw, dtype=_NUMPY_DTYPES[dtype]).astype(np.float64)
+
+
+def _measure_batch(batch: list[tuple[dict[str, Any], bytes, bytes]], result: Diff, atol: float) -> None:
+    """`distance()` of many small same-dtype pairs at once (per-pair sums by segment).
+
+    Every pair holds at least one element (empty tensors are equal bytes, never batched).
+    """
+    import numpy as np
+
+    dtype = batch[0][0]["dtype_a"]
+    flat_a = _as_float64_array(b"".join(r for _, r, _ in batch), dtype)
+    flat_b = _as_float64_array(b"".join(r for _, _, r in batch), dtype)
+    size = itemsize(dtype)
+    starts = np.cumsum([0] + [len(raw_a) // size for _, raw_a, _ in batch[:-1]])
+    delta = np.abs(flat_b - flat_a)
+    diff_sq = np.add.reduceat(np.square(delta), starts).tolist()
+    norm_sq = np.add.reduceat(np.square(flat_a), starts).tolist()
+    max_abs = np.maximum.reduceat(delta, starts).tolist()  # NaN propagates, as in distance()
     for (names, _, _), d2, n2, largest in zip(batch, diff_sq, norm_sq, max_abs, strict=True):
         l2 = math.sqrt(d2)
         relative = l2 / math.sqrt(n2) if n2 > 0 else (0.0 if l2 == 0 else math.inf)
@@ -271,6 +313,8 @@ def _measure_batch(
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal bits (so NaNs in the same places count as equal, and -0.0 differs from 0.0)."""
+    import torch
+
     if a.numel() == 0:
         return True
     bits_a = a.reshape(-1).contiguous().view(torch.uint8)
@@ -303,14 +347,11 @@ def distance(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
 
 
 def _as_float64(t: torch.Tensor) -> torch.Tensor:
+    import torch
+
     if t.is_complex():
         return t.to(torch.complex128)
     return t.to(torch.float64)
-
-
-@functools.cache
-def _dtype(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _rank_relative(change: TensorChange) -> float:

@@ -4,6 +4,8 @@ A ladle checkpoint (weight files, DCP groups of a sharded one, its `state.pt`), 
 training pickle, and a transformers Trainer folder (optimizer.pt, scheduler.pt,
 rng_state*.pth, trainer_state.json). Entries are classified and summarized by
 `ladle.state.contents`; nothing from a file runs unless the user passes `--trust`.
+A ladle checkpoint is described from headers and its `state.pt`'s pickle scan, without
+importing torch; foreign pickles are loaded with torch's weights-only loader.
 """
 
 from __future__ import annotations
@@ -14,11 +16,8 @@ import os
 import pickle
 from typing import Any
 
-import torch
-
 from ladle.errors import CorruptCheckpoint, FormatError, UnsafeLoad
-from ladle.formats import load_source
-from ladle.formats.safe_globals import weights_only_load
+from ladle.formats.load import load_source
 from ladle.state.contents import (
     StateItem,
     StateKind,
@@ -31,7 +30,6 @@ from ladle.state.contents import (
 from ladle.state.pickle_scan import scan_pickle
 from ladle.store.checkpoint import CheckpointInfo
 from ladle.store.paths import local_copy
-from ladle.store.storage import is_url
 
 log = logging.getLogger("ladle")
 
@@ -58,9 +56,11 @@ def ladle_state_items(path: str, info: CheckpointInfo) -> list[StateItem]:
     if "state.pt" in info.files:
         state_path = os.path.join(path, "state.pt")
         try:
+            # Its structure is all inspect shows: replayed with stand-ins (`scan_pickle`),
+            # nothing runs and no tensor is read, so torch need not be imported.
             with local_copy(state_path) as local:
-                state = torch.load(local, map_location="cpu", weights_only=True, mmap=not is_url(state_path))
-        except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+                state = scan_pickle(local).obj
+        except (OSError, FormatError) as exc:
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise CorruptCheckpoint(
                 f"{state_path}: cannot be read ({first}); run `ladle verify` on the run"
@@ -68,6 +68,7 @@ def ladle_state_items(path: str, info: CheckpointInfo) -> list[StateItem]:
         if isinstance(state, dict):
             items.extend(describe_ladle_state(state))
     return items
+
 
 def _sharded_items(path: str, info: CheckpointInfo) -> list[StateItem]:
     """A sharded checkpoint's DCP entries (models, optimizers) and its per-rank files."""
@@ -78,6 +79,8 @@ def _sharded_items(path: str, info: CheckpointInfo) -> list[StateItem]:
     for group, (count, nbytes) in sorted(group_sizes(path).items()):
         kind = StateKind.WEIGHTS if group in models else StateKind.OPTIMIZER
         what = f"weights of {group!r}" if group in models else f"state of {group!r}"
+        if group == "ema" and info.extra.get("ema"):  # a sharded EMA's weights sit beside the models'
+            kind, what = StateKind.EMA, "EMA weights"
         items.append(
             StateItem(
                 name=f"dcp:{group}",
@@ -103,10 +106,10 @@ def _weights_file_item(path: str, filename: str) -> StateItem:
     name = filename[: -len(".safetensors")]
     with load_source(path, key=name) as source:
         ties = source.ties()
-        infos = [source.info(k) for k in source if k not in ties]
-    numel = sum(int(i.shape.numel()) for i in infos)
-    nbytes = sum(int(i.shape.numel()) * i.dtype.itemsize for i in infos)
-    dtypes = sorted({str(i.dtype).replace("torch.", "") for i in infos})
+        infos = [info for k, info in source.infos().items() if k not in ties]
+    numel = sum(i.numel for i in infos)
+    nbytes = sum(i.nbytes for i in infos)
+    dtypes = sorted({i.dtype_name for i in infos})
     kind = StateKind.EMA if name == "ema" else StateKind.WEIGHTS
     label = "EMA weights" if name == "ema" else f"weights of {name!r}"
     return StateItem(
@@ -120,6 +123,8 @@ def _weights_file_item(path: str, filename: str) -> StateItem:
 
 def _load_weights_only(path: str) -> Any:
     """The object in a torch pickle, loaded without running code; raises UnsafeLoad."""
+    from ladle.formats.safe_globals import weights_only_load
+
     try:
         return weights_only_load(path, mmap=_is_zip(path))
     except pickle.UnpicklingError as exc:
@@ -143,8 +148,14 @@ def pickle_state(path: str, trust: bool) -> list[StateItem]:
         if not trust:
             return describe_training_dict(scan_pickle(path).obj)
         log.warning("%s: fully unpickling (trusted)", path)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = _trusted_load(path)
     return describe_training_dict(obj)
+
+
+def _trusted_load(path: str) -> Any:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def trainer_folder_state(path: str, trust: bool) -> list[StateItem]:
@@ -164,7 +175,7 @@ def trainer_folder_state(path: str, trust: bool) -> list[StateItem]:
         try:
             obj = _load_weights_only(full)
         except UnsafeLoad:
-            obj = scan_pickle(full).obj if not trust else torch.load(full, weights_only=False)
+            obj = scan_pickle(full).obj if not trust else _trusted_load(full)
         except FormatError as exc:
             items.append(StateItem(name=name, kind=kind, summary=f"unreadable: {exc}"))
             continue
