@@ -129,12 +129,29 @@ class ScriptServer:
         self.start(*argv)
         return self.wait()
 
+    def run_capturing(self, *argv: str, timeout: float = 120) -> tuple[int, list[str]]:
+        """Run `main(argv)` in a child to its end: its exit code and the lines it printed."""
+        self.start(*argv)
+        printed = []
+        while not (line := self.line(timeout)).startswith("exit "):
+            assert line != "server gone", "the fork server died"
+            printed.append(line)
+        return int(line.split()[1]), printed
+
     def close(self) -> None:
         assert self.process.stdin is not None
         self.process.stdin.close()
         self.process.wait(timeout=60)
         assert self.process.stdout is not None
         self.process.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def fsdp_train() -> Iterator[ScriptServer]:
+    """`tests/scripts/fsdp_train.py` (FSDP2 ranks, forked in turn) in forked children."""
+    server = ScriptServer(SCRIPTS / "fsdp_train.py")
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")

@@ -3,32 +3,29 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import ladle
-from tests.conftest import SCRIPTS
+from tests.conftest import ScriptServer
 
 pytestmark = pytest.mark.slow
-SCRIPT = SCRIPTS / "fsdp_train.py"
 STEPS = 10  # 6 steps per epoch on 2 ranks: 10 ends mid-epoch 1
 
 
-def _train(run: Path, out: Path, world: int, steps: int, *extra: str, ok: bool = True) -> None:
+def _train(
+    server: ScriptServer, run: Path, out: Path, world: int, steps: int, *extra: str, ok: bool = True
+) -> None:
+    """`fsdp_train.py RUN OUT WORLD STEPS EXTRA...`, forked from the server (see `ScriptServer`);
+    with `ok=False` it must end because a rank was SIGKILLed."""
     out.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(run), str(out), str(world), str(steps), *extra],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    code, output = server.run_capturing(str(run), str(out), str(world), str(steps), *extra, timeout=240)
     if ok:
-        assert result.returncode == 0, result.stderr[-4000:]
+        assert code == 0, "\n".join(output[-40:])
     else:
-        assert result.returncode != 0 and "SIGKILL" in result.stderr, result.stderr[-4000:]
+        assert code != 0 and any("SIGKILL" in line for line in output), "\n".join(output[-40:])
 
 
 def _losses(out: Path, rank: int) -> dict[int, str]:
@@ -54,10 +51,10 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def reference(fsdp_train: ScriptServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """An uninterrupted 2-rank run of STEPS steps: its run directory and outputs."""
     root = tmp_path_factory.mktemp("reference")
-    _train(root / "run", root / "out", 2, STEPS)
+    _train(fsdp_train, root / "run", root / "out", 2, STEPS)
     return root / "run", root / "out"
 
 
@@ -83,51 +80,55 @@ def test_reading_the_model_of_a_sharded_checkpoint_touches_only_the_model_files(
 
 
 def test_an_fsdp2_run_killed_mid_epoch_resumes_bit_exact(
-    reference: tuple[Path, Path], tmp_path: Path
+    fsdp_train: ScriptServer, reference: tuple[Path, Path], tmp_path: Path
 ) -> None:
     run, out = tmp_path / "run", tmp_path / "out"
-    _train(run, out, 2, STEPS, "--kill-rank", "-1", "--kill-step", "7", ok=False)
+    _train(fsdp_train, run, out, 2, STEPS, "--kill-rank", "-1", "--kill-step", "7", ok=False)
     assert ladle.Run(run).latest().step == 6  # type: ignore[union-attr]
-    _train(run, out, 2, STEPS)
+    _train(fsdp_train, run, out, 2, STEPS)
     _assert_same_state(_final(out), _final(reference[1]))
     for rank in (0, 1):
         assert _losses(out, rank) == _losses(reference[1], rank)
 
 
 def test_a_rank_killed_mid_save_commits_nothing_and_the_previous_checkpoint_resumes(
-    reference: tuple[Path, Path], tmp_path: Path
+    fsdp_train: ScriptServer, reference: tuple[Path, Path], tmp_path: Path
 ) -> None:
     run, out = tmp_path / "run", tmp_path / "out"
-    _train(run, out, 2, STEPS, "--kill-rank", "1", "--kill-step", "4", ok=False)
+    _train(fsdp_train, run, out, 2, STEPS, "--kill-rank", "1", "--kill-step", "4", ok=False)
     assert [c.step for c in ladle.Run(run).checkpoints()] == [2]
     assert any(p.name.startswith(".tmp-step-000000004") for p in run.iterdir())
-    _train(run, out, 2, STEPS)
+    _train(fsdp_train, run, out, 2, STEPS)
     assert not any(p.name.startswith(".tmp-") for p in run.iterdir())
     _assert_same_state(_final(out), _final(reference[1]))
 
 
-def test_two_ranks_reshard_to_one_process(reference: tuple[Path, Path], tmp_path: Path) -> None:
+def test_two_ranks_reshard_to_one_process(
+    fsdp_train: ScriptServer, reference: tuple[Path, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     run = tmp_path / "run"
     subprocess.run(["cp", "-r", str(reference[0]), str(run)], check=True)
-    _train(run, out, 1, STEPS, "--plain")
+    _train(fsdp_train, run, out, 1, STEPS, "--plain")
     assert _final(out)["model"].keys() == _final(reference[1])["model"].keys()
     for key, value in _final(reference[1])["model"].items():
         assert torch.equal(_final(out)["model"][key], value), key
 
 
-def test_two_ranks_reshard_to_four(reference: tuple[Path, Path], tmp_path: Path) -> None:
+def test_two_ranks_reshard_to_four(
+    fsdp_train: ScriptServer, reference: tuple[Path, Path], tmp_path: Path
+) -> None:
     run, out = tmp_path / "run", tmp_path / "out"
     subprocess.run(["cp", "-r", str(reference[0]), str(run)], check=True)
-    _train(run, out, 4, STEPS)
+    _train(fsdp_train, run, out, 4, STEPS)
     for key, value in _final(reference[1])["model"].items():
         assert torch.equal(_final(out)["model"][key], value), key
 
 
-def test_one_process_reshards_to_two_ranks(tmp_path: Path) -> None:
+def test_one_process_reshards_to_two_ranks(fsdp_train: ScriptServer, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    _train(run, tmp_path / "one", 1, 4, "--plain")
-    _train(run, tmp_path / "two", 2, 4)
+    _train(fsdp_train, run, tmp_path / "one", 1, 4, "--plain")
+    _train(fsdp_train, run, tmp_path / "two", 2, 4)
     for key, value in _final(tmp_path / "one")["model"].items():
         assert torch.equal(_final(tmp_path / "two")["model"][key], value), key
 
@@ -145,10 +146,10 @@ def test_a_sharded_checkpoint_is_read_whole_without_a_process_group(reference: t
 
 
 def test_background_sharded_saves_hold_the_state_at_each_call(
-    reference: tuple[Path, Path], tmp_path: Path
+    fsdp_train: ScriptServer, reference: tuple[Path, Path], tmp_path: Path
 ) -> None:
     run, out = tmp_path / "run", tmp_path / "out"
-    _train(run, out, 2, STEPS, "--async-save")
+    _train(fsdp_train, run, out, 2, STEPS, "--async-save")
     _assert_same_state(_final(out), _final(reference[1]))
     listed = ladle.Run(run)
     assert [c.step for c in listed.checkpoints()] == [2, 4, 6, 8, 10]

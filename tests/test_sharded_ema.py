@@ -16,15 +16,15 @@ import torch
 
 import ladle
 from ladle.cli.main import main
-from tests.conftest import tiny_model, train_steps
+from tests.conftest import ScriptServer, tiny_model, train_steps
 from tests.test_sharded import STEPS, _final, _train
 
 
 @pytest.fixture(scope="module")
-def ema_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def ema_reference(fsdp_train: ScriptServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """An uninterrupted 2-rank run of STEPS steps with an EMA: its run directory and outputs."""
     root = tmp_path_factory.mktemp("ema-reference")
-    _train(root / "run", root / "out", 2, STEPS, "--ema")
+    _train(fsdp_train, root / "run", root / "out", 2, STEPS, "--ema")
     return root / "run", root / "out"
 
 
@@ -52,30 +52,30 @@ def test_each_rank_averages_its_shard_and_the_average_is_saved_beside_the_model(
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_its_sharded_ema_bit_exact(
-    ema_reference: tuple[Path, Path], tmp_path: Path
+    fsdp_train: ScriptServer, ema_reference: tuple[Path, Path], tmp_path: Path
 ) -> None:
     run, out = tmp_path / "run", tmp_path / "out"
-    _train(run, out, 2, STEPS, "--ema", "--kill-rank", "-1", "--kill-step", "7", ok=False)
-    _train(run, out, 2, STEPS, "--ema")
+    _train(fsdp_train, run, out, 2, STEPS, "--ema", "--kill-rank", "-1", "--kill-step", "7", ok=False)
+    _train(fsdp_train, run, out, 2, STEPS, "--ema")
     _assert_equal(_final(out)["ema"], _final(ema_reference[1])["ema"])
     _assert_equal(_final(out)["model"], _final(ema_reference[1])["model"])
 
 
 @pytest.mark.slow
 def test_the_ema_reshards_from_two_ranks_to_one_process(
-    ema_reference: tuple[Path, Path], tmp_path: Path
+    fsdp_train: ScriptServer, ema_reference: tuple[Path, Path], tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
     subprocess.run(["cp", "-r", str(ema_reference[0]), str(run)], check=True)
-    _train(run, tmp_path / "out", 1, STEPS, "--plain", "--ema")
+    _train(fsdp_train, run, tmp_path / "out", 1, STEPS, "--plain", "--ema")
     _assert_equal(_final(tmp_path / "out")["ema"], _final(ema_reference[1])["ema"])
 
 
 @pytest.mark.slow
-def test_the_ema_reshards_from_one_process_to_two_ranks(tmp_path: Path) -> None:
+def test_the_ema_reshards_from_one_process_to_two_ranks(fsdp_train: ScriptServer, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    _train(run, tmp_path / "one", 1, 4, "--plain", "--ema")
-    _train(run, tmp_path / "two", 2, 4, "--ema")
+    _train(fsdp_train, run, tmp_path / "one", 1, 4, "--plain", "--ema")
+    _train(fsdp_train, run, tmp_path / "two", 2, 4, "--ema")
     _assert_equal(_final(tmp_path / "two")["ema"], _final(tmp_path / "one")["ema"])
 
 
@@ -99,10 +99,10 @@ def test_one_process_exports_and_averages_the_ema_of_sharded_checkpoints(
 
 @pytest.mark.slow
 def test_background_sharded_saves_hold_the_ema_at_each_call(
-    ema_reference: tuple[Path, Path], tmp_path: Path
+    fsdp_train: ScriptServer, ema_reference: tuple[Path, Path], tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
-    _train(run, tmp_path / "out", 2, STEPS, "--ema", "--async-save")
+    _train(fsdp_train, run, tmp_path / "out", 2, STEPS, "--ema", "--async-save")
     for info in ladle.Run(run).checkpoints():  # every EMA equals the synchronous run's at that step
         with (
             ladle.load_source(info.path, key="ema") as ours,

@@ -134,7 +134,17 @@ def _kill_inside_save_at(step: int) -> None:
     sharded.write_dcp = write_then_die
 
 
-def main() -> None:
+def warm_up() -> None:
+    """What a run imports lazily, imported once by the fork server (starts no threads)."""
+    import torch.distributed.checkpoint
+    import torch.distributed.checkpoint.state_dict
+    import torch.distributed.device_mesh
+    import torch.distributed.fsdp  # noqa: F401
+
+    import ladle.saving.sharded  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
     parser.add_argument("out_dir")
@@ -145,14 +155,19 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true")
     parser.add_argument("--async-save", action="store_true")
     parser.add_argument("--ema", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     init_file = tempfile.mktemp(prefix="ladle-fsdp-init-")
     if args.plain:
         worker(0, args, init_file)
-        return
+        return 0
     # Forked workers share the parent's imports (spawning re-imports torch per rank).
-    mp.start_processes(worker, args=(args, init_file), nprocs=args.world, start_method="fork")
+    try:
+        mp.start_processes(worker, args=(args, init_file), nprocs=args.world, start_method="fork")
+    except mp.ProcessExitedException as exc:  # a rank died (SIGKILL in the crash tests)
+        print(f"ranks stopped: {exc}", flush=True)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
