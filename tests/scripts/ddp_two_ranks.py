@@ -5,6 +5,7 @@ python ddp_two_ranks.py RUN_DIR INIT_FILE
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -24,7 +25,9 @@ def worker(rank: int, run_dir: str, init_file: str) -> None:
         with ladle.CheckpointManager(run_dir, model=model, optimizer=optimizer, every_steps=2) as manager:
             point = manager.resume()
             start = point.step if point else 0
-            print(f"rank {rank} leg {leg} resumed {start} writer {manager.is_writer}", flush=True)
+            # One write per line: both ranks share the pipe, and print() writes the text and the
+            # newline separately, so lines of the two ranks could run together.
+            os.write(1, f"rank {rank} leg {leg} resumed {start} writer {manager.is_writer}\n".encode())
             for step in range(start + 1, start + 5):
                 torch.manual_seed(step)
                 loss = model(torch.randn(3, 4)).pow(2).mean()
