@@ -121,9 +121,14 @@ class ScriptServer:
 
     def wait(self, timeout: float = 120) -> int:
         """The exit code of the running child (-9 after a SIGKILL), skipping its output."""
+        return self._until_exit(timeout)[0]
+
+    def _until_exit(self, timeout: float) -> tuple[int, list[str]]:
+        printed = []
         while not (line := self.line(timeout)).startswith("exit "):
             assert line != "server gone", "the fork server died"
-        return int(line.split()[1])
+            printed.append(line)
+        return int(line.split()[1]), printed
 
     def run(self, *argv: str) -> int:
         self.start(*argv)
@@ -132,11 +137,7 @@ class ScriptServer:
     def run_capturing(self, *argv: str, timeout: float = 120) -> tuple[int, list[str]]:
         """Run `main(argv)` in a child to its end: its exit code and the lines it printed."""
         self.start(*argv)
-        printed = []
-        while not (line := self.line(timeout)).startswith("exit "):
-            assert line != "server gone", "the fork server died"
-            printed.append(line)
-        return int(line.split()[1]), printed
+        return self._until_exit(timeout)
 
     def close(self) -> None:
         assert self.process.stdin is not None

@@ -98,6 +98,8 @@ class _Group:
     source_device: torch.device
     source_dtype: torch.dtype
     source_ids: list[int]
+    sharded: bool = False
+    """Some sources are DTensors: the update reads their local shards."""
     staging: list[torch.Tensor] | None = None
     deferred: bool = False
     pending: list[Any] = field(default_factory=list)
@@ -216,6 +218,7 @@ class EMA:
                 source_device=src_device,
                 source_dtype=src_dtype,
                 source_ids=[id(sources[i]) for i in index],
+                sharded=any(is_dtensor(sources[i]) for i in index),
             )
             if (device, dtype) != (src_device, src_dtype):
                 # An asynchronous copy into pinned memory needs a CUDA source and a CPU target.
@@ -278,7 +281,11 @@ class EMA:
                 break
             log.debug("EMA: the model's tensors were replaced or moved; regrouping")
             self._build_groups()
-        return [[local(t) for t in src] for src in per_group]
+        # Decided when grouping: the training step pays no per-tensor check for a plain model.
+        return [
+            [local(t) for t in src] if g.sharded else src
+            for g, src in zip(self._groups, per_group, strict=True)
+        ]
 
     def _apply_all(self, *, weight: float | None) -> None:
         """One foreach call per group: lerp by `weight`, or a copy (weight None / not averaged)."""

@@ -81,7 +81,7 @@ class Averager:
         self.uniform = uniform or len(set(self.weights)) == 1
         self.progress = progress
         # Blocks of the inputs are read here: small enough to stay in the CPU cache.
-        widest = max((p.info.dtype.itemsize for p in plan.keys.values()), default=1)
+        widest = max((p.info.itemsize for p in plan.keys.values()), default=1)
         self._scratch = torch.empty(BLOCK * widest, dtype=torch.uint8)
         self._hasher = StreamHasher(members, BLOCK * widest) if hashing else None
         acc_bytes = max(
@@ -211,7 +211,7 @@ class Averager:
                 del x
                 member.source.release_block(key, start, count)
                 if self.progress is not None:
-                    self.progress(count * plan.info.dtype.itemsize)
+                    self.progress(count * plan.info.itemsize)
             if self.uniform:
                 block.div_(n)
             # One reduction while the block is in cache: the sum is finite when every

@@ -281,7 +281,7 @@ def _same_weights(a: TensorSource, b: TensorSource) -> bool:
             continue
         info = a.info(key)
         total = info.numel
-        per = max(1, _BLOCK // max(info.dtype.itemsize, 1))
+        per = max(1, _BLOCK // max(info.itemsize, 1))
         try:
             for start in range(0, total, per):
                 count = min(per, total - start)

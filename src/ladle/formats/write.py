@@ -173,9 +173,7 @@ def _staged_upload(url: str, *, force: bool) -> Iterator[str]:
     """A local temporary path (named like the output, so tools that go by the suffix agree) that
     is uploaded to `url` in one request on success; deleted afterwards in every case."""
     storage, where = _store_of(url)
-    remove_stale_staging()
-    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
-    try:
+    with _staging_folder() as staging:
         tmp = os.path.join(staging, url.rstrip("/").rsplit("/", 1)[-1] or "output")
         yield tmp
         storage.makedirs(where.rsplit("/", 1)[0])
@@ -183,6 +181,16 @@ def _staged_upload(url: str, *, force: bool) -> Iterator[str]:
             storage.upload(tmp, where, exclusive=not force)
         except FileExistsError:
             raise OutputExists(f"{url}: appeared while writing; pass force=True to replace it") from None
+
+
+@contextmanager
+def _staging_folder() -> Iterator[str]:
+    """A fresh local folder for an output bound for a URL (`STAGING_PREFIX` + this pid), deleted
+    afterwards in every case; the folders killed uploads left are removed first."""
+    remove_stale_staging()
+    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
+    try:
+        yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -201,9 +209,7 @@ def staged_folder_upload(url: str, *, force: bool, last: Sequence[str] = ()) -> 
         raise OutputExists(f"{url}: is a file; the output is a folder, name a new one")
     if kind == "dir" and not force:
         raise OutputExists(f"{url}: objects exist under it; pass force=True (--force) to write over them")
-    remove_stale_staging()
-    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
-    try:
+    with _staging_folder() as staging:
         yield staging
 
         def rank(name: str) -> int:  # the latest entry of `last` that the name ends with
@@ -213,8 +219,6 @@ def staged_folder_upload(url: str, *, force: bool, last: Sequence[str] = ()) -> 
         storage.makedirs(where)
         for name in names:
             storage.upload(os.path.join(staging, name), f"{where.rstrip('/')}/{name}")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 STAGING_PREFIX = "ladle-output-"

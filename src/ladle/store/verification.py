@@ -136,20 +136,14 @@ def _check_listed(run: Run, info: CheckpointInfo, load: bool) -> CheckpointCheck
     problems = verify_checkpoint(storage, info, load=load)
     if not problems and vanished(storage, info):
         # A writer's retention deleted it while it was checked: not corruption.
-        return CheckpointCheck(
-            name=name,
-            path=folder,
-            step=info.step,
-            files=len(info.files),
-            nbytes=info.size,
-            notes=[f"{folder}: deleted while it was being verified (a writer's retention); not checked"],
-        )
-    try:
-        on_disk = set(storage.listdir(folder)) if storage.isdir(folder) else set()
-    except FileNotFoundError:
-        on_disk = set(info.files)
-    extra = sorted(on_disk - set(info.files) - {META_NAME})
-    notes = [f"{storage.join(folder, f)}: not recorded in meta.json (not checked)" for f in extra]
+        notes = [f"{folder}: deleted while it was being verified (a writer's retention); not checked"]
+    else:
+        try:
+            on_disk = set(storage.listdir(folder)) if storage.isdir(folder) else set()
+        except FileNotFoundError:
+            on_disk = set(info.files)
+        extra = sorted(on_disk - set(info.files) - {META_NAME})
+        notes = [f"{storage.join(folder, f)}: not recorded in meta.json (not checked)" for f in extra]
     return CheckpointCheck(
         name=name,
         path=folder,
