@@ -176,6 +176,7 @@ def test_a_plain_pickle_is_one_line_and_no_torch_warning(tmp_path: Path) -> None
     assert [str(w.message) for w in caught] == []
 
 
+@pytest.mark.slow
 def test_the_cli_prints_only_ladles_line_for_a_plain_pickle(tmp_path: Path) -> None:
     path = tmp_path / "plain.pt"
     path.write_bytes(pickle.dumps({"w": [1.0, 2.0]}))

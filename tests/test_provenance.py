@@ -139,6 +139,7 @@ def test_the_local_copy_of_a_killed_upload_is_removed_by_the_next_upload(
     assert [p.name for p in (tmp_path / "tmp").iterdir()] == [live.name]
 
 
+@pytest.mark.slow
 def test_a_killed_average_leaves_no_output_and_its_temporary_is_cleaned_later(tmp_path: Path) -> None:
     # A real SIGKILL in the middle of writing: no output, no sidecar; the next run cleans up.
     files = [_st(tmp_path / f"c{i}.safetensors", {"w": torch.randn(2048, 1024)}) for i in range(3)]
@@ -146,11 +147,11 @@ def test_a_killed_average_leaves_no_output_and_its_temporary_is_cleaned_later(tm
     script = (
         "import os, signal, sys\n"
         "import ladle.formats.write as w\n"
-        "original = w.SafetensorsWriter.write\n"
-        "def write(self, key, tensor):\n"
-        "    original(self, key, tensor)\n"
+        "original = w.SafetensorsWriter.write_block\n"
+        "def write_block(self, *args, **kwargs):\n"
+        "    original(self, *args, **kwargs)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "w.SafetensorsWriter.write = write\n"
+        "w.SafetensorsWriter.write_block = write_block\n"
         "import ladle\n"
         f"ladle.average_to_file({[str(f) for f in files]!r}, {str(out)!r})\n"
     )

@@ -59,6 +59,7 @@ def test_stop_and_resume_in_a_new_process_matches_the_uninterrupted_run(
     _assert_identical(straight, resumed)
 
 
+@pytest.mark.slow
 def test_the_uninterrupted_run_is_itself_deterministic(tmp_path: Path, straight: dict, run_script) -> None:
     out = tmp_path / "out.pt"
     run_script(str(tmp_path / "run"), str(out), "--total", str(TOTAL))

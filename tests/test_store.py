@@ -222,6 +222,7 @@ print(json.dumps(found))
 """
 
 
+@pytest.mark.slow
 def test_a_save_that_cannot_write_names_the_run_the_file_and_the_cause(tmp_path: Path) -> None:
     import subprocess
     import sys

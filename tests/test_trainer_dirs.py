@@ -84,6 +84,7 @@ def test_the_integration_keeps_its_names() -> None:
         assert getattr(trainer_output, name) is getattr(trainer_dirs, name)
 
 
+@pytest.mark.slow
 def test_reading_trainer_dirs_imports_no_training_framework() -> None:
     code = (
         "import sys, ladle.store.trainer_dirs, ladle.integrations.trainer_output; "

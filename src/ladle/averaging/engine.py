@@ -1,15 +1,19 @@
 """The averaging engine: a streaming, weighted mean over checkpoints, one tensor at a time.
 
 Each key is summed block by block (1 MiB of float32): the block of every member
-is read into a small reused buffer (`TensorSource.read_block`, `preadv` from
-the file) and added into the accumulator's block while it is in the CPU cache.
-The same read feeds the members' checksums (`ladle.averaging.integrity`: the
-block is hashed on another thread while the next one is read), so verifying
-costs no second pass. The accumulator (float32, or float64) is as large as the
-largest tensor and reused across keys; the result goes on to the streaming
-safetensors writer (`write_streamed`: key k is written in a thread while key
-k+1 is summed, hence two accumulators used in turn) or into an in-memory dict.
-Peak memory is about three times the largest tensor, whatever the number and
+is read (`TensorSource.read_block`: a view of the member's file mapped privately
+for local safetensors and pickles, so nothing is copied; a ranged read into a small
+reused buffer for files on a store) and added into an accumulator block while it is
+in the CPU cache. The same read feeds the members' checksums
+(`ladle.averaging.integrity`: the block is hashed on another thread while the next
+one is read, and its pages are dropped from the process once hashed), so verifying
+costs no second pass. A safetensors output is written block by block
+(`Averager.write_to`: each summed block goes to a writer thread through a ring of
+eight block buffers, and the file is flushed to disk in the background as it grows),
+so nothing as large as a tensor is allocated: on a machine where fresh memory is
+slow to touch, a buffer the size of the largest tensor costs as much as the average.
+In-memory results (`stream()`) use an accumulator as large as the largest tensor.
+Peak memory is a few MiB plus the blocks being hashed, whatever the number and
 size of the checkpoints. Rules:
 
 - floating tensors accumulate in float32 (float64 on request, and always for
@@ -43,7 +47,7 @@ from ladle.averaging.plan import AverageOptions, KeyPlan, Kind, Plan
 from ladle.errors import ConfigError, NonFiniteValues
 from ladle.formats.dtypes import dtype_name
 from ladle.formats.source import read_into
-from ladle.formats.write import SafetensorsWriter
+from ladle.formats.write import SafetensorsWriter, tensor_bytes
 
 BLOCK = 1 << 18
 """Elements per block: 1 MiB of float32, so a block of the accumulator and one of
@@ -170,12 +174,7 @@ class Averager:
         return tensor
 
     def _float(self, plan: KeyPlan) -> torch.Tensor:
-        """Average one floating key, block by block.
-
-        Each block of the accumulator stays in the CPU cache while every member's
-        matching block is read into it, scaled, checked and cast, so each input
-        byte crosses memory once and the accumulator is written once.
-        """
+        """Average one floating key into a buffer as large as the tensor, block by block."""
         key, acc_dtype = plan.key, plan.acc_dtype
         assert acc_dtype is not None
         numel = plan.info.numel
@@ -183,54 +182,105 @@ class Averager:
         acc = self._acc[: numel * acc_dtype.itemsize].view(acc_dtype)
         narrow = plan.out_dtype != acc_dtype
         out = self._out[: numel * plan.out_dtype.itemsize].view(plan.out_dtype) if narrow else acc
-        check = self.options.check_finite
         finite = True
-        n = len(self.members)
         for start in range(0, numel, BLOCK):
             count = min(BLOCK, numel - start)
             block = acc[start : start + count]
-            for i, member in enumerate(self.members):
-                buffer = self._hasher.buffer() if self._hasher is not None else self._scratch
-                x = member.source.read_block(key, start, count, buffer)
-                if self._hasher is not None:
-                    self._hasher.feed(i, key, start * x.element_size(), x)
-                weight = self.weights[i]
-                if i == 0:
-                    if self.uniform:
-                        block.copy_(x)
-                    elif x.dtype == acc_dtype:
-                        torch.mul(x, weight, out=block)
-                    else:
-                        # Widen first: a bf16 product would be rounded before it is stored.
-                        block.copy_(x)
-                        block.mul_(weight)
-                elif self.uniform:
-                    block.add_(x)
-                else:
-                    block.add_(x, alpha=weight)
-                del x
-                member.source.release_block(key, start, count)
-                if self.progress is not None:
-                    self.progress(count * plan.info.itemsize)
-            if self.uniform:
-                block.div_(n)
-            # One reduction while the block is in cache: the sum is finite when every
-            # value is (a NaN or inf in any member reaches the accumulator).
-            if check and finite and not math.isfinite(abs(complex(block.sum().item()))):
-                finite = bool(torch.isfinite(block).all())
-            if narrow:
-                cast = out[start : start + count]
-                cast.copy_(block)
-                if check and finite and cast.dtype.is_floating_point and not bool(torch.isfinite(cast).all()):
-                    raise NonFiniteValues(
-                        f"{key!r}: the average overflows {dtype_name(cast.dtype)}; "
-                        "write a wider dtype (--dtype float32)"
-                    )
+            self._sum_block(plan, start, count, block)
+            finite = self._check_and_cast(plan, block, out[start : start + count] if narrow else None, finite)
         for member in self.members:
             member.source.release(key)
         if not finite:
             self._explain_non_finite(key)
         return out.view(plan.info.shape)
+
+    def _sum_block(self, plan: KeyPlan, start: int, count: int, block: torch.Tensor) -> None:
+        """`block` = the weighted mean of every member's elements [start, start + count) of the key.
+
+        Each member's block is read (a view of a mapped file, or a copy into a small buffer)
+        and added while `block` is in the CPU cache, so each input byte crosses memory once.
+        """
+        key, acc_dtype = plan.key, plan.acc_dtype
+        hasher = self._hasher
+        for i, member in enumerate(self.members):
+            source = member.source
+            buffer = hasher.buffer() if hasher is not None else self._scratch
+            x = source.read_block(key, start, count, buffer)
+            weight = self.weights[i]
+            if i == 0:
+                if self.uniform:
+                    block.copy_(x)
+                elif x.dtype == acc_dtype:
+                    torch.mul(x, weight, out=block)
+                else:
+                    # Widen first: a bf16 product would be rounded before it is stored.
+                    block.copy_(x)
+                    block.mul_(weight)
+            elif self.uniform:
+                block.add_(x)
+            else:
+                block.add_(x, alpha=weight)
+            if hasher is not None:
+                # Its pages are dropped once hashed: dropped before, the hash would map them again.
+                hasher.feed(i, key, start * x.element_size(), x, then=(source, start, count))
+            else:
+                source.release_block(key, start, count)
+            del x
+            if self.progress is not None:
+                self.progress(count * plan.info.itemsize)
+        if self.uniform:
+            block.div_(len(self.members))
+
+    def _check_and_cast(
+        self, plan: KeyPlan, block: torch.Tensor, cast: torch.Tensor | None, finite: bool
+    ) -> bool:
+        """Cast a summed block into the output dtype (when it is narrower); False once any
+        block of the key held a NaN or inf (the caller names the member after the key)."""
+        check = self.options.check_finite
+        # One reduction while the block is in cache: the sum is finite when every
+        # value is (a NaN or inf in any member reaches the accumulator).
+        if check and finite and not math.isfinite(abs(complex(block.sum().item()))):
+            finite = bool(torch.isfinite(block).all())
+        if cast is not None:
+            cast.copy_(block)
+            if check and finite and cast.dtype.is_floating_point and not bool(torch.isfinite(cast).all()):
+                raise NonFiniteValues(
+                    f"{plan.key!r}: the average overflows {dtype_name(cast.dtype)}; "
+                    "write a wider dtype (--dtype float32)"
+                )
+        return finite
+
+    def write_to(self, writer: SafetensorsWriter) -> None:
+        """Average every key into `writer`'s file: each block of a floating key is written as
+        soon as it is summed (by a thread, while the next one is summed), so nothing as large
+        as a tensor is ever allocated. Fresh memory is what costs here: a buffer the size of the
+        largest tensor, touched for the first time, can take as long as the average itself."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # see stream()
+        try:
+            with _BlockWriter(writer, self.plan) as out:
+                for key in writer.order:
+                    plan = self.plan.keys[key]
+                    if plan.kind is not Kind.FLOAT:
+                        out.whole(key, self._int(plan))
+                        continue
+                    finite = True
+                    itemsize = plan.out_dtype.itemsize
+                    for start in range(0, plan.info.numel, BLOCK):
+                        count = min(BLOCK, plan.info.numel - start)
+                        block, cast = out.slot(plan, count)
+                        self._sum_block(plan, start, count, block)
+                        finite = self._check_and_cast(plan, block, cast, finite)
+                        out.submit(key, start * itemsize, cast if cast is not None else block)
+                    if plan.info.numel == 0:
+                        out.submit(key, 0, None)
+                    for member in self.members:
+                        member.source.release(key)
+                    if not finite:
+                        out.drain()
+                        self._explain_non_finite(key)
+        finally:
+            torch.set_num_threads(threads)
 
     def _explain_non_finite(self, key: str) -> None:
         for i, member in enumerate(self.members):
@@ -265,24 +315,64 @@ class Averager:
 
 
 def write_streamed(writer: SafetensorsWriter, averager: Averager) -> None:
-    """Write key k in a thread while key k+1 is computed (the averager alternates buffers)."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ladle-write") as pool:
-        pending: Future[None] | None = None
+    """Average into `writer`, block by block (`Averager.write_to`)."""
+    averager.write_to(writer)
+
+
+class _BlockWriter:
+    """Writes summed blocks into a `SafetensorsWriter` from one thread, through a small ring of
+    block buffers: a buffer is handed out again only once its block is written."""
+
+    SLOTS = 8
+
+    def __init__(self, writer: SafetensorsWriter, plan: Plan) -> None:
+        self.writer, self.plan = writer, plan
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ladle-write")
+        wide = max((p.acc_dtype.itemsize for p in plan.keys.values() if p.acc_dtype is not None), default=4)
+        self._accs = [torch.empty(BLOCK * wide, dtype=torch.uint8) for _ in range(self.SLOTS)]
+        self._outs = [torch.empty(BLOCK * wide, dtype=torch.uint8) for _ in range(self.SLOTS)]
+        self._busy: list[Future[None] | None] = [None] * self.SLOTS
+        self._turn = 0
+
+    def __enter__(self) -> _BlockWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
         try:
-            for key, tensor in averager.stream(writer.order):
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(writer.write, key, tensor)
+            if exc_type is None:
+                self.drain()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def slot(self, plan: KeyPlan, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next free buffers for `count` elements of a key: (accumulator block, output
+        block when the output dtype is narrower, else None)."""
+        self._turn = (self._turn + 1) % self.SLOTS
+        pending = self._busy[self._turn]
+        if pending is not None:
+            self._busy[self._turn] = None
+            pending.result()
+        acc_dtype = plan.acc_dtype
+        assert acc_dtype is not None
+        block = self._accs[self._turn][: count * acc_dtype.itemsize].view(acc_dtype)
+        if plan.out_dtype == acc_dtype:
+            return block, None
+        return block, self._outs[self._turn][: count * plan.out_dtype.itemsize].view(plan.out_dtype)
+
+    def submit(self, key: str, byte_start: int, block: torch.Tensor | None) -> None:
+        data = tensor_bytes(block) if block is not None else memoryview(b"")
+        self._busy[self._turn] = self._pool.submit(self.writer.write_block, key, byte_start, data)
+
+    def whole(self, key: str, tensor: torch.Tensor) -> None:
+        self.drain()
+        self.writer.write(key, tensor)
+
+    def drain(self) -> None:
+        """Wait for every block handed over (the first write error is raised here)."""
+        for i, pending in enumerate(self._busy):
             if pending is not None:
+                self._busy[i] = None
                 pending.result()
-        except BaseException:
-            if pending is not None:
-                pending.cancel()
-                try:
-                    pending.result()
-                except BaseException:  # the first error is the one to report
-                    pass
-            raise
 
 
 __all__ = ["BLOCK", "Averager", "Progress", "write_streamed"]

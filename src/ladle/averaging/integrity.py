@@ -1,10 +1,11 @@
 """Checksums of what an average actually read, taken in the same read.
 
 The engine reads every byte of every member anyway; hashing them in a second
-pass would read them all again. Instead each block the engine reads (with
-`preadv`, into a buffer of a small ring) is handed, with its place in the file,
-to a hashing thread (hashlib releases the GIL), while the engine goes on with
-the next block. A file's sha256 is fed in file order: bytes the engine never
+pass would read them all again. Instead each block the engine reads (a view of
+the mapped file, or a ranged read into a buffer of a small ring) is handed, with
+its place in the file, to a hashing thread (hashlib releases the GIL), while the
+engine goes on with the next block; a mapped block's pages are dropped once hashed.
+A file's sha256 is fed in file order: bytes the engine never
 reads (headers, integer tensors a policy skips, keys left out) are read from
 the file to fill the gap, and a block read again out of order is already
 hashed. When every key is done, the rest of each file is hashed and each
@@ -149,15 +150,34 @@ class StreamHasher:
             spans[key] = found if found is not None and found[0] in self._hashers[index] else None
         return spans[key]
 
-    def feed(self, index: int, key: str, byte_start: int, block: torch.Tensor) -> None:
-        """Member `index` read `block` (in the current buffer) at byte `byte_start` of `key`."""
+    def feed(
+        self,
+        index: int,
+        key: str,
+        byte_start: int,
+        block: torch.Tensor,
+        *,
+        then: tuple[TensorSource, int, int] | None = None,
+    ) -> None:
+        """Member `index` read `block` (in the current buffer, or a view of a mapped file) at
+        byte `byte_start` of `key`. `then`: (source, start, count) whose `release_block` is
+        called once the block is hashed (a mapped block dropped earlier would be mapped again)."""
         span = self._span(index, key)
         if span is None:
+            if then is not None:
+                then[0].release_block(key, then[1], then[2])
             return
         path, offset = span
         data = memoryview(block.reshape(-1).view(torch.uint8).numpy())
         hasher = self._hashers[index][path]
-        future = self._pools[index % len(self._pools)].submit(hasher.feed, offset + byte_start, data)
+        pool = self._pools[index % len(self._pools)]
+        if then is None:
+            future = pool.submit(hasher.feed, offset + byte_start, data)
+        else:
+            source, start, count = then
+            future = pool.submit(
+                _hash_then_release, hasher, offset + byte_start, data, source, key, start, count
+            )
         self._busy[self._turn] = future
         self._last[index] = future
 
@@ -191,6 +211,16 @@ class StreamHasher:
         for hashers in self._hashers:
             for hasher in hashers.values():
                 hasher.close()
+
+
+def _hash_then_release(
+    hasher: FileHasher, offset: int, data: memoryview, source: TensorSource, key: str, start: int, count: int
+) -> None:
+    try:
+        hasher.feed(offset, data)
+    finally:
+        del data
+        source.release_block(key, start, count)
 
 
 def _recorded(member: Member, files: Sequence[str]) -> dict[str, str]:

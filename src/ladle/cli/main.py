@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.root.addHandler(handler)
         logging.root.setLevel(logging.WARNING)
     try:
-        command = typer.main.get_command(app)
+        command = _group()
         # Without standalone mode, typer.Exit(n) comes back as the return value.
         code = command.main(args=argv, prog_name="ladle", standalone_mode=False)
     except LadleError as exc:
@@ -61,6 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return code if isinstance(code, int) else 0
+
+
+_GROUP: typer.core.TyperGroup | None = None
+
+
+def _group() -> typer.core.TyperGroup:
+    """The click group, built once per process: building a command evaluates every annotation
+    of its function, which a program (or a test suite) calling `main()` many times need not
+    pay again. Commands themselves are built on first use (`LazyCommands`)."""
+    global _GROUP
+    if _GROUP is None:
+        group = typer.main.get_command(app)
+        assert isinstance(group, typer.core.TyperGroup)
+        _GROUP = group
+    return _GROUP
 
 
 class StderrHandler(logging.Handler):

@@ -11,6 +11,8 @@ nothing after the last one. Files on a store are read by ranged requests
 from __future__ import annotations
 
 import json
+import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ladle.errors import FormatError, StorageError
@@ -43,7 +45,7 @@ DTYPE_OF: dict[str, str] = {
     "F8_E4M3FNUZ": "float8_e4m3fnuz",
     "F8_E5M2FNUZ": "float8_e5m2fnuz",
 }
-_ITEMSIZE_OF = {code: itemsize(name) for code, name in DTYPE_OF.items()}
+ITEMSIZE_OF = {code: itemsize(name) for code, name in DTYPE_OF.items()}
 
 
 def __getattr__(name: str) -> Any:
@@ -65,8 +67,34 @@ MAX_HEADER = 100 << 20  # the format's own limit
 _MAX_NUMEL = (1 << 63) - 1  # torch sizes are int64; safetensors refuses any overflow too
 
 
+@dataclass(frozen=True, eq=False)
+class ParsedHeader:
+    """A validated header: where the data starts, the tensor entries (shared: read-only) and
+    `__metadata__`. Two files opened with byte-identical headers and data sizes share one
+    (`parse_header`), which is how a diff of two checkpoints of one model knows that their
+    tensors lie at the same offsets."""
+
+    data_start: int
+    entries: dict[str, Any]
+    metadata: dict[str, str]
+    __slots__ = ("__weakref__", "data_start", "entries", "metadata")
+
+
+# Headers of files open now, by (data size, header bytes): the second checkpoint of a model
+# of 100,000 tensors is neither parsed nor validated again. Held weakly: closing the last
+# file that uses a header frees it.
+_OPEN_HEADERS: weakref.WeakValueDictionary[tuple[int, bytes], ParsedHeader] = weakref.WeakValueDictionary()
+
+
 def read_header(path: str, reader: RangedFile | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(data start offset, tensor entries, `__metadata__`) of a safetensors file, validated."""
+    parsed = parse_header(path, reader)
+    return parsed.data_start, parsed.entries, parsed.metadata
+
+
+def parse_header(path: str, reader: RangedFile | None = None) -> ParsedHeader:
+    """The validated header of a safetensors file; the same object for files whose header
+    bytes and data size are equal while either is open (keep it to keep it shared)."""
     try:
         handle = reader if reader is not None else open_ranged(path)
         try:
@@ -80,8 +108,12 @@ def read_header(path: str, reader: RangedFile | None = None) -> tuple[int, dict[
                     f"{path}: not a safetensors file (header length {n} for {size} bytes); "
                     "is it truncated or another format?"
                 )
+            text = bytes(handle.read(8, n))
+            known = _OPEN_HEADERS.get((size, text))
+            if known is not None:
+                return known
             with paused_gc():  # 100,000 entries: see gc_pause
-                header = json.loads(handle.read(8, n))
+                header = json.loads(text)
         finally:
             if reader is None:
                 handle.close()
@@ -93,7 +125,9 @@ def read_header(path: str, reader: RangedFile | None = None) -> tuple[int, dict[
         raise FormatError(f"{path}: safetensors header is not valid JSON; the file is damaged") from None
     with paused_gc():
         entries, metadata = validate_header(header, path, size - 8 - n)
-    return 8 + n, entries, metadata
+    parsed = ParsedHeader(8 + n, entries, metadata)
+    _OPEN_HEADERS[(size, text)] = parsed
+    return parsed
 
 
 def validate_header(header: Any, path: str, data_len: int) -> tuple[dict[str, Any], dict[str, str]]:
@@ -111,7 +145,7 @@ def validate_header(header: Any, path: str, data_len: int) -> tuple[dict[str, An
 def _span_of(path: str, key: str, entry: Any) -> tuple[int, int, str]:
     """(begin, end, key) of one header entry, after checking its dtype, shape and size."""
     try:
-        size = _ITEMSIZE_OF[entry["dtype"]]
+        size = ITEMSIZE_OF[entry["dtype"]]
         shape = entry["shape"]
         begin, end = entry["data_offsets"]
     except KeyError as exc:

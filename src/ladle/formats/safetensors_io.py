@@ -15,16 +15,24 @@ tensor is read.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ladle.errors import FormatError
 from ladle.formats.gc_pause import paused_gc
-from ladle.formats.safetensors_header import DTYPE_OF, MAX_HEADER, read_header, validate_header
-from ladle.formats.source import ALIASES_KEY, TensorInfo, TensorSource
+from ladle.formats.safetensors_header import (
+    DTYPE_OF,
+    ITEMSIZE_OF,
+    MAX_HEADER,
+    ParsedHeader,
+    parse_header,
+    validate_header,
+)
+from ladle.formats.source import ALIASES_KEY, StoredLayout, TensorInfo, TensorSource
 from ladle.store.paths import open_ranged, path_isfile, read_path
-from ladle.store.ranged import RangedFile
+from ladle.store.ranged import LocalRangedFile, RangedFile
 
 if TYPE_CHECKING:
     import torch
@@ -70,16 +78,24 @@ def _read_exact(reader: RangedFile, view: memoryview, offset: int, path: str, ke
 
 
 class SafetensorsFile:
-    """One open safetensors file: header parsed once, tensors read with preadv (ranged reads on a store)."""
+    """One open safetensors file: header parsed once, tensors read with preadv (ranged reads on a
+    store); blocks of a local file are views of a private mapping of it (`read_block`)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._map: mmap.mmap | None = None
+        self._mapped: torch.Tensor | None = None  # the whole mapping, as bytes
         self._reader: RangedFile | None = open_ranged(path)
         try:
-            self.data_start, self.entries, self.metadata = read_header(path, self._reader)
+            self.header: ParsedHeader = parse_header(path, self._reader)
         except BaseException:
             self.close()
             raise
+        self.data_start, self.entries, self.metadata = (
+            self.header.data_start,
+            self.header.entries,
+            self.header.metadata,
+        )
         self._reader.will_read(self.data_start)  # on a store: start fetching the tensors now
         # The spans tile the data section (checked by read_header): it ends at the largest end.
         ends = (entry["data_offsets"][1] for entry in self.entries.values())
@@ -95,7 +111,9 @@ class SafetensorsFile:
         return self.data_start + begin, end - begin
 
     def read_block(self, key: str, start: int, count: int, scratch: torch.Tensor | None) -> torch.Tensor:
-        """Elements [start, start + count) of `key`, flat, read into `scratch` when it fits."""
+        """Elements [start, start + count) of `key`, flat: a view of the mapped file when it is
+        local (no copy: on a warm page cache, copying is most of what reading costs; drop the
+        pages again with `release_block`), else read into `scratch` when it fits."""
         import torch
 
         from ladle.formats.safetensors_header import DTYPES
@@ -103,14 +121,41 @@ class SafetensorsFile:
         dtype = DTYPES[self.entries[key]["dtype"]]
         offset, _ = self._span(key)
         nbytes = count * dtype.itemsize
+        begin = offset + start * dtype.itemsize
+        mapped = self._mapping() if nbytes else None
+        if mapped is not None:
+            if begin + nbytes > mapped.numel():
+                raise FormatError(f"{self.path}: tensor {key!r} ends early; the file is truncated")
+            return mapped[begin : begin + nbytes].view(dtype)
         if scratch is not None and scratch.numel() >= nbytes:
             buf = scratch[:nbytes]
         else:
             buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
-            view = memoryview(buf.numpy())
-            _read_exact(self._require_open(), view, offset + start * dtype.itemsize, self.path, key)
+            _read_exact(self._require_open(), memoryview(buf.numpy()), begin, self.path, key)
         return buf.view(dtype)
+
+    def _mapping(self) -> torch.Tensor | None:
+        """The local file mapped privately (copy-on-write, never written), as one byte tensor."""
+        if self._mapped is None and isinstance(self._reader, LocalRangedFile) and self._reader.size:
+            import torch
+
+            self._map = mmap.mmap(self._reader.fileno(), 0, flags=mmap.MAP_PRIVATE)
+            self._mapped = torch.frombuffer(self._map, dtype=torch.uint8)
+        return self._mapped
+
+    def release_block(self, key: str, start: int, count: int) -> None:
+        """Drop the mapped pages of a block from this process (they stay in the page cache; a
+        later read maps them again from the file, unchanged since the mapping was never written)."""
+        if self._map is None or not hasattr(self._map, "madvise"):
+            return
+        size = ITEMSIZE_OF[self.entries[key]["dtype"]]
+        offset, _ = self._span(key)
+        page = mmap.PAGESIZE
+        lo = -(-(offset + start * size) // page) * page
+        hi = (offset + (start + count) * size) // page * page
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def small_bytes(self, key: str, limit: int) -> bytes | None:
         """The stored bytes of `key` when they are at most `limit` bytes.
@@ -131,6 +176,17 @@ class SafetensorsFile:
             start, window = offset, bytes(buffer)  # bytes: a slice is the answer, no second copy
             self._window = (start, window)
         return window[offset - start : offset - start + end - begin]
+
+    def read_data(self, begin: int, end: int) -> bytes:
+        """Bytes [begin, end) of the data section."""
+        if end <= begin:
+            return b""
+        buffer = bytearray(end - begin)
+        try:
+            self._require_open().read_into(memoryview(buffer), self.data_start + begin)
+        except EOFError:
+            raise FormatError(f"{self.path}: the tensor data ends early; the file is truncated") from None
+        return bytes(buffer)
 
     def read(self, key: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor `key`; read into the flat uint8 `scratch` when it is large enough."""
@@ -154,6 +210,13 @@ class SafetensorsFile:
         return self._reader
 
     def close(self) -> None:
+        self._mapped = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # a block still in use holds the mapping: it goes with the last of them
+            self._map = None
         if self._reader is not None:
             self._reader.close()
             self._reader = None
@@ -240,6 +303,9 @@ class SafetensorsSource(TensorSource):
         self._require(key)
         return self._file.path, self._file._span(self._aliases.get(key, key))[0]
 
+    def release_block(self, key: str, start: int, count: int) -> None:
+        self._file.release_block(self._aliases.get(key, key), start, count)
+
     def small_bytes(self, key: str, limit: int) -> bytes | None:
         if self.closed:
             self._require(key)
@@ -251,6 +317,16 @@ class SafetensorsSource(TensorSource):
 
     def ties(self) -> dict[str, str]:
         return dict(self._aliases)
+
+    def stored_layout(self) -> StoredLayout:
+        entries = self._file.entries
+
+        def span(key: str) -> tuple[int, int]:
+            begin, end = entries[key]["data_offsets"]
+            return begin, end
+
+        stored = self._keys[: len(self._keys) - len(self._aliases)]
+        return StoredLayout(token=self._file.header, keys=stored, span=span, read=self._file.read_data)
 
     def close(self) -> None:
         self._file.close()
@@ -324,6 +400,9 @@ class ShardedSafetensorsSource(TensorSource):
         self._require(key)
         shard = self._where[key]
         return shard.path, shard._span(self._aliases.get(key, key))[0]
+
+    def release_block(self, key: str, start: int, count: int) -> None:
+        self._where[key].release_block(self._aliases.get(key, key), start, count)
 
     def small_bytes(self, key: str, limit: int) -> bytes | None:
         self._require(key)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +100,22 @@ class TensorInfo:
         return f"TensorInfo(shape={list(self.dims)}, dtype={self.dtype_name})"
 
 
+@dataclass(frozen=True, eq=False)
+class StoredLayout:
+    """Where a source's tensors lie in its one file: lets a tool compare two files of one
+    layout range by range (`ladle diff` of two checkpoints of one model) instead of key by key."""
+
+    token: object
+    """The same object (`is`) for two sources whose keys, shapes, dtypes, ties and byte offsets
+    are all the same (safetensors files with byte-identical headers)."""
+    keys: Sequence[str]
+    """The stored keys (not their tied names), in storage order."""
+    span: Callable[[str], tuple[int, int]]
+    """A stored key's bytes: [begin, end) within the data."""
+    read: Callable[[int, int], bytes]
+    """The data bytes [begin, end), read now."""
+
+
 class TensorSource(ABC):
     """Named tensors read lazily from one checkpoint; a context manager.
 
@@ -161,6 +178,10 @@ class TensorSource(ABC):
         """The stored bytes of `key` when the reader can hand them over cheaply and they are at
         most `limit` bytes; None otherwise. Lets a tool compare many small tensors without
         building a tensor for each (a model of 100,000 tensors)."""
+        return None
+
+    def stored_layout(self) -> StoredLayout | None:
+        """Where the tensors lie in the source's one file, when the reader knows; else None."""
         return None
 
     def release(self, key: str) -> None:  # noqa: B027 - an optional hook, a no-op by default

@@ -39,6 +39,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from enum import Enum
 
@@ -295,6 +296,17 @@ def _write_all(fd: int, data: memoryview) -> None:
         done += os.write(fd, data[done : done + (1 << 30)])
 
 
+_SYNC_EVERY = 32 << 20
+"""Bytes written between background flushes of a SafetensorsWriter's file."""
+_fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done : done + (1 << 30)], offset + done)
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
     flat = t.detach().reshape(-1)
@@ -349,6 +361,7 @@ class SafetensorsWriter:
             header["__metadata__"] = meta
         offset = 0
         self._expected: dict[str, TensorInfo] = {}
+        self._places: dict[str, list[int]] = {}  # data offsets of each key and of its copies
         for key in canon:
             info = layout[key]
             if info.dtype not in DTYPE_NAMES:
@@ -360,10 +373,12 @@ class SafetensorsWriter:
                 "shape": list(info.shape),
                 "data_offsets": [offset, offset + info.nbytes],
             }
+            self._places[key] = [offset]
             offset += info.nbytes
             self._expected[key] = info
             for alias in self._copies.get(key, ()):
                 header[alias] = {**header[key], "data_offsets": [offset, offset + info.nbytes]}
+                self._places[key].append(offset)
                 offset += info.nbytes
         self._header = header
         self._metadata = meta
@@ -372,23 +387,46 @@ class SafetensorsWriter:
         self._header_len = len(raw)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._next = 0
+        self._done = 0  # bytes of order[_next] written so far
+        # Written bytes are flushed to disk in the background as the file grows, so the fsync
+        # that commits the output finds little left to write (writing back overlaps the work).
+        self._unsynced = 0
+        self._syncer: ThreadPoolExecutor | None = None
+        self._sync: Future[None] | None = None
         _write_all(self._fd, memoryview(len(raw).to_bytes(8, "little") + raw))
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        """Write `key` (and its aliases); keys must come in `self.order`."""
-        if self._next >= len(self.order) or self.order[self._next] != key:
-            expected = self.order[self._next] if self._next < len(self.order) else "nothing"
-            raise RuntimeError(f"SafetensorsWriter: got {key!r}, expected {expected!r}")
-        info = self._expected[key]
-        if tuple(tensor.shape) != tuple(info.shape) or tensor.dtype != info.dtype:
+        """Write `key` (and its aliases) whole; keys must come in `self.order`."""
+        info = self._expected.get(key)
+        if info is not None and (tuple(tensor.shape) != tuple(info.shape) or tensor.dtype != info.dtype):
             raise RuntimeError(
                 f"SafetensorsWriter: {key!r} is {tuple(tensor.shape)} {tensor.dtype}, "
                 f"the header says {tuple(info.shape)} {info.dtype}"
             )
-        data = tensor_bytes(tensor)
-        for _ in range(1 + len(self._copies.get(key, ()))):
-            _write_all(self._fd, data)
-        self._next += 1
+        self.write_block(key, 0, tensor_bytes(tensor), whole=True)
+
+    def write_block(self, key: str, start: int, data: memoryview, *, whole: bool = False) -> None:
+        """Write bytes [start, start + len(data)) of `key` (and of its copies). Keys come in
+        `self.order`, each key's blocks in order; the key is done at its last byte."""
+        if self._next >= len(self.order) or self.order[self._next] != key:
+            expected = self.order[self._next] if self._next < len(self.order) else "nothing"
+            raise RuntimeError(f"SafetensorsWriter: got {key!r}, expected {expected!r}")
+        nbytes = self._expected[key].nbytes
+        if start != self._done or start + len(data) > nbytes or (whole and len(data) != nbytes):
+            raise RuntimeError(
+                f"SafetensorsWriter: {key!r} bytes {start}-{start + len(data)} do not follow "
+                f"{self._done} of {nbytes}"
+            )
+        base = 8 + self._header_len + start
+        for place in self._places[key]:
+            _pwrite_all(self._fd, data, base + place)
+        self._unsynced += len(data) * len(self._places[key])
+        if self._unsynced >= _SYNC_EVERY and (self._sync is None or self._sync.done()):
+            self._flush_in_background()
+        self._done = start + len(data)
+        if self._done == nbytes:
+            self._next += 1
+            self._done = 0
 
     def finish(self, metadata: Mapping[str, str] | None = None) -> None:
         """Check that every tensor was written, rewrite the metadata if given, then close.
@@ -411,10 +449,29 @@ class SafetensorsWriter:
                 )
             raw += b" " * (self._header_len - len(raw))
             os.pwrite(self._fd, raw, 8)
-        self.close()
+        try:
+            self._wait_for_flush()  # a write-back error surfaces here, not lost with the fd
+        finally:
+            self.close()
+
+    def _flush_in_background(self) -> None:
+        if self._sync is not None:
+            self._sync.result()
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ladle-flush")
+        self._unsynced = 0
+        self._sync = self._syncer.submit(_fdatasync, self._fd)
+
+    def _wait_for_flush(self) -> None:
+        sync, self._sync = self._sync, None
+        if sync is not None:
+            sync.result()
 
     def close(self) -> None:
         """Close the file (idempotent); an unfinished file is left for the caller to remove."""
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)  # never close the fd under a running flush
+            self._syncer = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

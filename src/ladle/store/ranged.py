@@ -66,6 +66,10 @@ class LocalRangedFile:
     def will_read(self, offset: int) -> None:
         """Nothing to start: the page cache reads ahead."""
 
+    def fileno(self) -> int:
+        """The open file descriptor (to map the file)."""
+        return self._fd
+
     def read(self, offset: int, count: int) -> bytes:
         """`count` bytes from `offset` (fewer only at the end of the file)."""
         parts, done = [], 0

@@ -11,6 +11,7 @@ batches with numpy, so a diff of such files need not import torch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from ladle.errors import ConfigError
 from ladle.formats.dtypes import itemsize
 from ladle.formats.gc_pause import paused_gc
 from ladle.formats.load import load_source
-from ladle.formats.source import TensorInfo, TensorSource
+from ladle.formats.source import StoredLayout, TensorInfo, TensorSource
 from ladle.store.refs import resolve_checkpoint
 
 if TYPE_CHECKING:
@@ -179,6 +180,17 @@ def diff_sources(
 
 
 def _diff(a: TensorSource, b: TensorSource, atol: float, order: DiffSort) -> Diff:
+    layout_a, layout_b = a.stored_layout(), b.stored_layout()
+    if layout_a is not None and layout_b is not None and layout_a.token is layout_b.token:
+        result = _diff_same_layout(a, b, layout_a, layout_b, atol)
+    else:
+        result = _diff_key_by_key(a, b, atol)
+    result.value_changes.sort(key=_sort_key(order))
+    result.dtype_changes.sort(key=_sort_key(order))
+    return result
+
+
+def _diff_key_by_key(a: TensorSource, b: TensorSource, atol: float) -> Diff:
     # Every name, shape and dtype in one pass over each header.
     infos_a, infos_b = a.infos(), b.infos()
     result = Diff(
@@ -188,7 +200,7 @@ def _diff(a: TensorSource, b: TensorSource, atol: float, order: DiffSort) -> Dif
         only_b=[k for k in infos_b if k not in infos_a],
         atol=atol,
     )
-    batch: list[tuple[dict[str, Any], bytes, bytes]] = []
+    batch = _Batch(result, atol)
     small_a, small_b = a.small_bytes, b.small_bytes  # bound once: called per key
     for key, info_a in infos_a.items():
         info_b = infos_b.get(key)
@@ -196,8 +208,6 @@ def _diff(a: TensorSource, b: TensorSource, atol: float, order: DiffSort) -> Dif
             continue
         # Names and shapes come from the headers as plain values: no torch objects per key.
         dtype_a, dtype_b = info_a.dtype_name, info_b.dtype_name
-        if batch and dtype_a != batch[0][0]["dtype_a"]:
-            _measure_batch(batch, result, atol)
         if info_a.dims != info_b.dims:
             result.shape_changes.append(TensorChange(**_names(key, info_a, info_b)))
             continue
@@ -210,32 +220,114 @@ def _diff(a: TensorSource, b: TensorSource, atol: float, order: DiffSort) -> Dif
                 if bytes_a == bytes_b:
                     result.identical += 1
                 else:
-                    batch.append((_names(key, info_a, info_b), bytes_a, bytes_b))
-                    if len(batch) >= _BATCH:
-                        _measure_batch(batch, result, atol)
+                    batch.add(_names(key, info_a, info_b), bytes_a, bytes_b)
                 continue
-        ta, tb = a.tensor(key), b.tensor(key)
-        try:
-            if dtype_a == dtype_b and _bitwise_equal(ta, tb):
-                result.identical += 1
-                continue
-            l2, relative, max_abs = distance(ta, tb)
-        finally:
-            del ta, tb
-            a.release(key)
-            b.release(key)
-        change = TensorChange(**_names(key, info_a, info_b), l2=l2, relative=relative, max_abs=max_abs)
-        if dtype_a != dtype_b:
-            result.dtype_changes.append(change)
-        elif atol > 0 and max_abs <= atol:
-            result.identical += 1
-        else:
-            result.value_changes.append(change)
-    if batch:
-        _measure_batch(batch, result, atol)
-    result.value_changes.sort(key=_sort_key(order))
-    result.dtype_changes.sort(key=_sort_key(order))
+        _compare_tensors(a, b, key, info_a, info_b, result, atol)
+    batch.flush()
     return result
+
+
+def _compare_tensors(
+    a: TensorSource,
+    b: TensorSource,
+    key: str,
+    info_a: TensorInfo,
+    info_b: TensorInfo,
+    result: Diff,
+    atol: float,
+) -> None:
+    """Compare one pair of same-shape tensors read whole (chunked in float64) and record it."""
+    ta, tb = a.tensor(key), b.tensor(key)
+    try:
+        if info_a.dtype_name == info_b.dtype_name and _bitwise_equal(ta, tb):
+            result.identical += 1
+            return
+        l2, relative, max_abs = distance(ta, tb)
+    finally:
+        del ta, tb
+        a.release(key)
+        b.release(key)
+    change = TensorChange(**_names(key, info_a, info_b), l2=l2, relative=relative, max_abs=max_abs)
+    if info_a.dtype_name != info_b.dtype_name:
+        result.dtype_changes.append(change)
+    elif atol > 0 and max_abs <= atol:
+        result.identical += 1
+    else:
+        result.value_changes.append(change)
+
+
+def _diff_same_layout(
+    a: TensorSource, b: TensorSource, layout_a: StoredLayout, layout_b: StoredLayout, atol: float
+) -> Diff:
+    """Two files that store the same keys, shapes and dtypes at the same offsets (two
+    checkpoints of one model): compare their data range by range, and look at a tensor
+    only when its bytes differ. No per-key work for the tensors that are equal."""
+    result = Diff(a=a.path, b=b.path, atol=atol)
+    batch = _Batch(result, atol)
+    group: list[tuple[str, int, int]] = []
+    span = layout_a.span
+
+    def flush() -> None:
+        if group:
+            _compare_range(a, b, layout_a, layout_b, group, result, batch)
+            group.clear()
+
+    for key in layout_a.keys:
+        begin, end = span(key)
+        if end - begin > _RANGE_BYTES:
+            flush()
+            info = a.info(key)
+            _compare_tensors(a, b, key, info, info, result, atol)
+            continue
+        if group and end - group[0][1] > _RANGE_BYTES:
+            flush()
+        group.append((key, begin, end))
+    flush()
+    batch.flush()
+    ties = a.ties()
+    if ties:  # a tied name differs exactly when the tensor it names does
+        changed = {c.name: c for c in result.value_changes}
+        for alias, target in ties.items():
+            change = changed.get(target)
+            if change is None:
+                result.identical += 1
+            else:
+                result.value_changes.append(dataclasses.replace(change, name=alias))
+    return result
+
+
+def _compare_range(
+    a: TensorSource,
+    b: TensorSource,
+    layout_a: StoredLayout,
+    layout_b: StoredLayout,
+    group: list[tuple[str, int, int]],
+    result: Diff,
+    batch: _Batch,
+) -> None:
+    """Compare consecutive stored tensors (`(key, begin, end)`, tiling their range) of two
+    same-layout files: one read of the range from each, one byte comparison."""
+    import numpy as np
+
+    low, high = group[0][1], group[-1][2]
+    raw_a, raw_b = layout_a.read(low, high), layout_b.read(low, high)
+    if raw_a == raw_b:
+        result.identical += len(group)
+        return
+    filled = [entry for entry in group if entry[2] > entry[1]]  # empty tensors are always equal
+    result.identical += len(group) - len(filled)
+    starts = np.fromiter((begin - low for _, begin, _ in filled), dtype=np.int64, count=len(filled))
+    # The spans tile the range (the header was validated), so segment i is tensor i.
+    differs = np.logical_or.reduceat(np.frombuffer(raw_a, np.uint8) != np.frombuffer(raw_b, np.uint8), starts)
+    changed = np.flatnonzero(differs).tolist()
+    result.identical += len(filled) - len(changed)
+    for index in changed:
+        key, begin, end = filled[index]
+        info = a.info(key)
+        if _batchable(info.dtype_name) and end - begin <= _SMALL_BYTES:
+            batch.add(_names(key, info, info), raw_a[begin - low : end - low], raw_b[begin - low : end - low])
+        else:
+            _compare_tensors(a, b, key, info, info, result, batch.atol)
 
 
 def _names(key: str, info_a: TensorInfo, info_b: TensorInfo) -> dict[str, Any]:
@@ -250,7 +342,31 @@ def _names(key: str, info_a: TensorInfo, info_b: TensorInfo) -> dict[str, Any]:
 
 
 _SMALL_BYTES = 1 << 16  # tensors up to this size are compared by their bytes, in batches
-_BATCH = 4096  # changed small tensors measured together
+_BATCH = 4096  # changed small tensors measured together, up to
+_BATCH_BYTES = 1 << 23  # stored bytes (as float64: up to 8 times as much)
+_RANGE_BYTES = 1 << 24  # bytes of two same-layout files compared at a time
+
+
+class _Batch:
+    """Changed small tensors of one dtype waiting to be measured together (`_measure_batch`)."""
+
+    def __init__(self, result: Diff, atol: float) -> None:
+        self.result, self.atol = result, atol
+        self.items: list[tuple[dict[str, Any], bytes, bytes]] = []
+        self.nbytes = 0
+
+    def add(self, names: dict[str, Any], raw_a: bytes, raw_b: bytes) -> None:
+        if self.items and names["dtype_a"] != self.items[0][0]["dtype_a"]:
+            self.flush()
+        self.items.append((names, raw_a, raw_b))
+        self.nbytes += len(raw_a)
+        if len(self.items) >= _BATCH or self.nbytes >= _BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.items:
+            _measure_batch(self.items, self.result, self.atol)
+            self.nbytes = 0
 
 
 # Dtypes whose small tensors are compared in batches with numpy (bfloat16 through its
