@@ -441,3 +441,14 @@ def test_the_installed_console_script_runs(run_dir: Path, tmp_path: Path) -> Non
         [script, "verify", str(tmp_path / "gone")], capture_output=True, text=True, timeout=120
     )
     assert missing.returncode == 2 and missing.stderr.startswith("ladle: error: ")
+
+
+def test_python_dash_m_ladle_is_the_same_command(run_dir: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "ladle", "ls", str(run_dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [c["step"] for c in json.loads(done.stdout)["checkpoints"]] == [100, 200, 300]
