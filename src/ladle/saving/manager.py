@@ -324,6 +324,11 @@ class CheckpointManager:
         stopped_now = False
         if es is not None and not es.should_stop and es.metric in values:
             stopped_now = es.update(values[es.metric], epoch=self.epoch)
+        if es is not None and self.sharded and distributed():
+            # Rank 0's decision and counters on every rank: the ranks must stop together, and
+            # restoring the best checkpoint reads through DCP, a collective call.
+            stopped_now, state = broadcast_from_rank0((stopped_now, es.state_dict()))
+            es.load_state_dict(state)
         reason = self.engine.poll("epoch", self.global_step, self.epoch, values)
         if stopped_now:
             reason = reason or f"early stopping: {es.reason if es else ''}"
