@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from ladle import ConfigError, Keep, Run
-from ladle.errors import MissingDependency
+from ladle.errors import MissingDependency, OutputExists
 from ladle.integrations.trainer_output import (
     epoch_index,
     metrics_at,
@@ -455,3 +455,26 @@ def test_missing_transformers_names_the_extra_to_install(monkeypatch: pytest.Mon
     monkeypatch.delitem(sys.modules, "ladle.integrations.transformers")
     with pytest.raises(MissingDependency, match=r"pip install 'ladle\[transformers\]'"):
         importlib.import_module("ladle.integrations.transformers")
+
+
+def test_a_soup_of_a_trainer_directory_goes_to_a_url_as_a_from_pretrained_folder(tmp_path: Path) -> None:
+    import fsspec
+
+    import ladle
+
+    train(tmp_path / "out", [])  # the Trainer's own checkpoint-* folders, no ladle run
+    url = f"memory://ladle-{tmp_path.name}/soup"
+    result = ladle.soup(tmp_path / "out", "last:2", output=url)
+    assert (result.folder, result.path) == (url, f"{url}/model.safetensors")
+    fs = fsspec.filesystem("memory")
+    local = tmp_path / "downloaded"
+    local.mkdir()
+    for remote in fs.ls(url, detail=False):
+        fs.get(remote, str(local / remote.rsplit("/", 1)[-1]))
+    assert {"config.json", "model.safetensors", "model.safetensors.json"} <= {p.name for p in local.iterdir()}
+    model = AutoModelForCausalLM.from_pretrained(local)
+    expected = mean([weights(tmp_path / "out" / "checkpoint-6"), weights(tmp_path / "out" / "checkpoint-8")])
+    loaded = model.state_dict()
+    torch.testing.assert_close({k: loaded[k] for k in expected}, expected)
+    with pytest.raises(OutputExists, match="objects exist under it"):
+        ladle.soup(tmp_path / "out", "last:2", output=url)

@@ -83,13 +83,12 @@ def is_folder_output(run: object, output: str | os.PathLike[str] | None) -> bool
     if output is None or not isinstance(run, ForeignRun) or run.tool != TRANSFORMERS:
         return False
     text = os.fspath(output)
-    folder = os.path.isdir(text) or not text.lower().endswith((".safetensors", *_TORCH_NAMES))
-    if folder and is_url(text):
-        raise ConfigError(
-            f"{text}: a from_pretrained folder cannot be written to a URL yet; write it to a local "
-            "folder and upload that, or name a single file (-o URL/soup.safetensors)"
-        )
-    return folder
+    return os.path.isdir(text) or not text.lower().endswith((".safetensors", *_TORCH_NAMES))
+
+
+FOLDER_UPLOAD_LAST = (".safetensors.json", ".bin.json", ".safetensors", ".bin")
+"""A `from_pretrained` folder bound for a URL: uploaded file by file, its provenance and then
+its weights last (until they arrive, the folder holds no weights, never stale ones)."""
 
 
 def folder_weights_name(format: str | None) -> str:

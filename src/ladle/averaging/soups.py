@@ -52,6 +52,7 @@ from ladle.averaging.recipes import Greedy, Recipe, Window
 from ladle.averaging.scoring import finish_soup
 from ladle.averaging.selection import RunLike, open_run, select
 from ladle.averaging.soup_output import (
+    FOLDER_UPLOAD_LAST,
     SoupOutput,
     commit_soup,
     file_writer,
@@ -64,9 +65,10 @@ from ladle.averaging.soup_output import (
 from ladle.averaging.weights import Uniform, WeightsLike, parse_weights
 from ladle.errors import ConfigError, OutputExists
 from ladle.formats import load_source
-from ladle.formats.write import output_format
+from ladle.formats.write import output_format, staged_folder_upload
 from ladle.store.checkpoint import CheckpointInfo
 from ladle.store.foreign_runs import TRANSFORMERS, ForeignRun
+from ladle.store.storage import is_url
 from ladle.store.trainer_dirs import copy_model_files
 
 log = logging.getLogger("ladle")
@@ -210,6 +212,34 @@ def soup(
             "by running the model"
         )
     folder: str | None = None
+    if is_folder_output(the_run, output) and is_url(os.fspath(output or "")):
+        # A folder cannot be published in one request: it is built in a local folder, then
+        # uploaded file by file, the weights last.
+        url = os.fspath(output or "").rstrip("/")
+        with staged_folder_upload(url, force=force, last=FOLDER_UPLOAD_LAST) as local:
+            result = soup(
+                the_run,
+                recipe,
+                output=local,
+                window=window,
+                weights=weights,
+                evaluate=evaluate,
+                model=model,
+                rank=rank,
+                recalibrate=recalibrate,
+                key=key,
+                dtype=dtype,
+                accumulate=accumulate,
+                int_policy=int_policy,
+                intersect=intersect,
+                format=format,
+                force=True,
+                skip_corrupt=skip_corrupt,
+                progress=progress,
+            )
+        result.folder = url
+        result.path = f"{url}/{os.path.basename(result.path)}" if result.path else None
+        return result
     if is_folder_output(the_run, output):
         assert output is not None
         output_format("model", format)
