@@ -436,3 +436,29 @@ def test_the_streaming_and_the_running_average_combine_integers_alike(policy: st
     assert torch.equal(running.state()["n"], streamed)
     expected = {"newest": [8, 2], "first": [7, 2], "floor-mean": [8, 2]}[policy]
     assert streamed.tolist() == expected
+
+
+def test_a_block_that_cannot_be_written_is_the_error_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The output is written block by block on a thread; the failure of a block is what the
+    # caller hears, even when an empty tensor follows it.
+    import errno
+
+    from ladle.formats.write import SafetensorsWriter
+
+    files = [
+        _st(tmp_path / f"m{i}.safetensors", {"a": torch.randn(8), "z": torch.empty(0)}) for i in range(2)
+    ]
+    original = SafetensorsWriter.write_block
+
+    def full_disk(self: SafetensorsWriter, key: str, *args: object, **kwargs: object) -> None:
+        if key == "a":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, key, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SafetensorsWriter, "write_block", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        average_to_file(files, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []

@@ -273,6 +273,7 @@ class Averager:
                         finite = self._check_and_cast(plan, block, cast, finite)
                         out.submit(key, start * itemsize, cast if cast is not None else block)
                     if plan.info.numel == 0:
+                        out.slot(plan, 0)  # a slot of its own: the one before may still be writing
                         out.submit(key, 0, None)
                     for member in self.members:
                         member.source.release(key)
