@@ -221,8 +221,7 @@ class Averager:
             else:
                 block.add_(x, alpha=weight)
             if hasher is not None:
-                # Its pages are dropped once hashed: dropped before, the hash would map them again.
-                hasher.feed(i, key, start * x.element_size(), x, then=(source, start, count))
+                hasher.feed(i, key, start, count, x)  # releases the block once hashed
             else:
                 source.release_block(key, start, count)
             del x
@@ -315,11 +314,6 @@ class Averager:
         )
 
 
-def write_streamed(writer: SafetensorsWriter, averager: Averager) -> None:
-    """Average into `writer`, block by block (`Averager.write_to`)."""
-    averager.write_to(writer)
-
-
 class _BlockWriter:
     """Writes summed blocks into a `SafetensorsWriter` from one thread, through a small ring of
     block buffers: a buffer is handed out again only once its block is written."""
@@ -327,7 +321,7 @@ class _BlockWriter:
     SLOTS = 8
 
     def __init__(self, writer: SafetensorsWriter, plan: Plan) -> None:
-        self.writer, self.plan = writer, plan
+        self.writer = writer
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ladle-write")
         wide = max((p.acc_dtype.itemsize for p in plan.keys.values() if p.acc_dtype is not None), default=4)
         self._accs = [torch.empty(BLOCK * wide, dtype=torch.uint8) for _ in range(self.SLOTS)]
@@ -376,4 +370,4 @@ class _BlockWriter:
                 pending.result()
 
 
-__all__ = ["BLOCK", "Averager", "Progress", "write_streamed"]
+__all__ = ["BLOCK", "Averager", "Progress"]

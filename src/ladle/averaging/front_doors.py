@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ladle.averaging.engine import Averager, Progress, write_streamed
+from ladle.averaging.engine import Averager, Progress
 from ladle.averaging.int_policies import IntPolicy
 from ladle.averaging.integrity import Mismatch, drop_corrupt
 from ladle.averaging.members import InputLike, Member, close_members, note_identical, open_members
@@ -268,7 +268,7 @@ def _write_once(
                 tmp, plan.layout, metadata=provenance_metadata(record()), ties=plan.ties, reserve=room
             )
             try:
-                write_streamed(writer, averager)
+                averager.write_to(writer)
                 mismatches = averager.finish()
                 if mismatches:
                     raise _Corrupt(mismatches)

@@ -150,34 +150,26 @@ class StreamHasher:
             spans[key] = found if found is not None and found[0] in self._hashers[index] else None
         return spans[key]
 
-    def feed(
-        self,
-        index: int,
-        key: str,
-        byte_start: int,
-        block: torch.Tensor,
-        *,
-        then: tuple[TensorSource, int, int] | None = None,
-    ) -> None:
-        """Member `index` read `block` (in the current buffer, or a view of a mapped file) at
-        byte `byte_start` of `key`. `then`: (source, start, count) whose `release_block` is
-        called once the block is hashed (a mapped block dropped earlier would be mapped again)."""
+    def feed(self, index: int, key: str, start: int, count: int, block: torch.Tensor) -> None:
+        """Member `index` read `block`, elements [start, start + count) of `key` (in the current
+        buffer, or a view of a mapped file). Once it is hashed, the member's source drops the
+        block's pages (`release_block`): dropped before, the hash would map them again."""
+        source = self.members[index].source
         span = self._span(index, key)
         if span is None:
-            if then is not None:
-                then[0].release_block(key, then[1], then[2])
+            source.release_block(key, start, count)
             return
         path, offset = span
         data = memoryview(block.reshape(-1).view(torch.uint8).numpy())
-        hasher = self._hashers[index][path]
-        pool = self._pools[index % len(self._pools)]
-        if then is None:
-            future = pool.submit(hasher.feed, offset + byte_start, data)
-        else:
-            source, start, count = then
-            future = pool.submit(
-                _hash_then_release, hasher, offset + byte_start, data, source, key, start, count
-            )
+        future = self._pools[index % len(self._pools)].submit(
+            _hash_then_release,
+            self._hashers[index][path],
+            offset + start * block.element_size(),
+            data,
+            source,
+            key,
+            (start, count),
+        )
         self._busy[self._turn] = future
         self._last[index] = future
 
@@ -214,13 +206,12 @@ class StreamHasher:
 
 
 def _hash_then_release(
-    hasher: FileHasher, offset: int, data: memoryview, source: TensorSource, key: str, start: int, count: int
+    hasher: FileHasher, offset: int, data: memoryview, source: TensorSource, key: str, block: tuple[int, int]
 ) -> None:
     try:
         hasher.feed(offset, data)
     finally:
-        del data
-        source.release_block(key, start, count)
+        source.release_block(key, *block)
 
 
 def _recorded(member: Member, files: Sequence[str]) -> dict[str, str]:

@@ -53,6 +53,10 @@ from ladle.store.trainer_dirs import copy_model_files
 
 MODEL_FOLDER_WEIGHTS = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
+FOLDER_UPLOAD_LAST = (".safetensors.json", ".bin.json", ".safetensors", ".bin", SHARD_INDEX)
+"""A `from_pretrained` folder bound for a URL is uploaded file by file, these last, in this
+order: the provenance, the weights, their index. Until they arrive the folder holds no
+weights (never stale ones, never a mix)."""
 STRUCTURES = ("file", "members")
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar")
 
@@ -98,8 +102,7 @@ def average_to_model_folder(
     """
     if is_url(os.fspath(folder)):
         url = os.fspath(folder).rstrip("/")
-        last = (".safetensors.json", ".safetensors", SHARD_INDEX)  # provenance, weights, index
-        with staged_folder_upload(url, force=bool(options.get("force")), last=last) as local:
+        with staged_folder_upload(url, force=bool(options.get("force")), last=FOLDER_UPLOAD_LAST) as local:
             result = average_to_model_folder(inputs, local, **{**options, "force": True})
         return replace(
             result,

@@ -86,11 +86,6 @@ def is_folder_output(run: object, output: str | os.PathLike[str] | None) -> bool
     return os.path.isdir(text) or not text.lower().endswith((".safetensors", *_TORCH_NAMES))
 
 
-FOLDER_UPLOAD_LAST = (".safetensors.json", ".bin.json", ".safetensors", ".bin")
-"""A `from_pretrained` folder bound for a URL: uploaded file by file, its provenance and then
-its weights last (until they arrive, the folder holds no weights, never stale ones)."""
-
-
 def folder_weights_name(format: str | None) -> str:
     """transformers' file name for the soup's weights in a `from_pretrained` folder."""
     torch_format = format is not None and OutputFormat(format) is OutputFormat.TORCH

@@ -45,6 +45,7 @@ from ladle.averaging.greedy import Evaluate, GreedyStep, ModelLike, greedy_searc
 from ladle.averaging.int_policies import IntPolicy
 from ladle.averaging.integrity import drop_corrupt, hash_members
 from ladle.averaging.members import Member, close_members, member_from_source
+from ladle.averaging.output_layouts import FOLDER_UPLOAD_LAST
 from ladle.averaging.plan import AverageOptions, build_plan, warn_batchnorm
 from ladle.averaging.provenance import provenance
 from ladle.averaging.recipe_parsing import parse_recipe
@@ -52,7 +53,6 @@ from ladle.averaging.recipes import Greedy, Recipe, Window
 from ladle.averaging.scoring import finish_soup
 from ladle.averaging.selection import RunLike, open_run, select
 from ladle.averaging.soup_output import (
-    FOLDER_UPLOAD_LAST,
     SoupOutput,
     commit_soup,
     file_writer,

@@ -1,13 +1,13 @@
 """Reading safetensors files (single and sharded) one tensor at a time.
 
 The header is read and validated by `ladle.formats.safetensors_header` rather than
-through `safe_open`, so tensors are read with `preadv` straight into a caller's
-buffer: `read_block()` reads a slice of a tensor into a small reusable buffer
-that stays in the CPU cache, which is how the averaging engine reads: no
-allocation, no page faults, nothing of the file mapped into the process, and
-each input byte crosses memory once. Files on a store (`s3://...`) are read the
-same way through `ladle.store.paths.open_ranged`: ranged requests for the
-header, then for the tensors in storage order, never a download of the whole file.
+through `safe_open`. `read()` copies a tensor out with `preadv` (memory that outlives
+the file); `read_block()`, how the averaging engine reads, answers with a view of the
+local file mapped privately: nothing is copied or allocated, and `release_block()`
+drops the block's pages from the process again (`ladle.formats.mapped_pages`). Files
+on a store (`s3://...`) are read through `ladle.store.paths.open_ranged` instead:
+ranged requests for the header, then for the tensors in storage order into a small
+reusable buffer, never a download of the whole file.
 Names, shapes and dtypes come from the header alone; torch is imported only when a
 tensor is read.
 """
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ladle.errors import FormatError
 from ladle.formats.gc_pause import paused_gc
+from ladle.formats.mapped_pages import drop_pages, inner_pages
 from ladle.formats.safetensors_header import (
     DTYPE_OF,
     ITEMSIZE_OF,
@@ -147,15 +148,11 @@ class SafetensorsFile:
     def release_block(self, key: str, start: int, count: int) -> None:
         """Drop the mapped pages of a block from this process (they stay in the page cache; a
         later read maps them again from the file, unchanged since the mapping was never written)."""
-        if self._map is None or not hasattr(self._map, "madvise"):
+        if self._mapped is None:
             return
         size = ITEMSIZE_OF[self.entries[key]["dtype"]]
         offset, _ = self._span(key)
-        page = mmap.PAGESIZE
-        lo = -(-(offset + start * size) // page) * page
-        hi = (offset + (start + count) * size) // page * page
-        if hi > lo:
-            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        drop_pages(*inner_pages(self._mapped.data_ptr() + offset + start * size, count * size))
 
     def small_bytes(self, key: str, limit: int) -> bytes | None:
         """The stored bytes of `key` when they are at most `limit` bytes.

@@ -3,21 +3,19 @@
 `TorchSource` loads each file without running code (`ladle.formats.torch_load`), finds
 its state dict (`ladle.formats.state_dicts`), and leaves the tensors in the file's
 mapping until read; pages already averaged are handed back to the kernel
-(`madvise(MADV_DONTNEED)`), so a pass over a large file does not stay resident.
+(`ladle.formats.mapped_pages`), so a pass over a large file does not stay resident.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import mmap
 import os
 import sys
-from typing import Any
 
 import torch
 
 from ladle.errors import FormatError
+from ladle.formats.mapped_pages import drop_pages, inner_pages
 from ladle.formats.source import TensorInfo, TensorSource, find_ties
 from ladle.formats.state_dicts import find_state_dict, flatten, scalar_metadata
 from ladle.formats.torch_load import load_torch_file
@@ -26,8 +24,6 @@ log = logging.getLogger("ladle")
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar", ".tar")
 _STEP_NAMES = ("global_step", "step", "num_updates", "iteration", "epoch")
-
-_MADV_DONTNEED = 4
 
 
 class TorchSource(TensorSource):
@@ -153,15 +149,13 @@ class TorchSource(TensorSource):
         self._drop(t.data_ptr(), t.numel() * t.element_size())
 
     def _drop(self, start: int, nbytes: int) -> None:
-        if not self._mapped or sys.platform != "linux" or nbytes < mmap.PAGESIZE:
+        if not self._mapped:
             return
-        page = mmap.PAGESIZE
-        lo = (start + page - 1) // page * page
-        hi = (start + nbytes) // page * page
+        lo, hi = inner_pages(start, nbytes)
         # Only ever inside this file's own mapping: a tensor made in memory while
         # unpickling (trust=True) must never be advised away.
         if hi > lo and any(a <= lo and hi <= b for a, b, _, _ in self._ranges):
-            _madvise(lo, hi - lo)
+            drop_pages(lo, hi)
 
     def close(self) -> None:
         self._tensors = {}
@@ -185,26 +179,6 @@ def _file_mappings(path: str) -> list[tuple[int, int, int, str]]:
     except OSError:
         return []
     return ranges
-
-
-def _madvise(address: int, length: int) -> None:
-    libc = _libc()
-    if libc is not None:
-        libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_DONTNEED)
-
-
-_LIBC: Any = None
-
-
-def _libc() -> Any:
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL(None, use_errno=True)
-            _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        except (OSError, AttributeError):
-            _LIBC = False
-    return _LIBC or None
 
 
 def is_torch_file(path: str) -> bool:

@@ -290,12 +290,6 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[str]:
     return removed
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    done = 0
-    while done < len(data):
-        done += os.write(fd, data[done : done + (1 << 30)])
-
-
 _SYNC_EVERY = 32 << 20
 """Bytes written between background flushes of a SafetensorsWriter's file."""
 _fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
@@ -393,7 +387,7 @@ class SafetensorsWriter:
         self._unsynced = 0
         self._syncer: ThreadPoolExecutor | None = None
         self._sync: Future[None] | None = None
-        _write_all(self._fd, memoryview(len(raw).to_bytes(8, "little") + raw))
+        _pwrite_all(self._fd, memoryview(len(raw).to_bytes(8, "little") + raw), 0)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         """Write `key` (and its aliases) whole; keys must come in `self.order`."""
