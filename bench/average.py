@@ -1,6 +1,6 @@
 """Averaging checkpoints of a large fp32 model: ladle (verifying every member) against the usual scripts.
 
-    python bench/average.py [--params 64e6] [--members 5] [--repeat 3] [--dir DIR] [--keep]
+    python bench/average.py [--params 64e6] [--members 5] [--repeat 3] [--dir DIR] [--keep] [--cold]
 
 The default (5 checkpoints of 256 MB) runs in a few minutes on a small shared
 machine; `--params 250e6 --members 10` is the large run (20 GB of temporary files).
@@ -8,7 +8,10 @@ machine; `--params 250e6 --members 10` is the large run (20 GB of temporary file
 Builds one ladle run of `--members` checkpoints (model.safetensors each) and a
 torch-pickle copy of every checkpoint, then times, each in its own subprocess
 (compiled bytecode cached, as an installed package has it) with the page cache
-warmed by reading its inputs once:
+warmed by reading its inputs once (after the inputs' own write-back has finished,
+and with the previous child's output removed and that removal committed), or with
+`--cold` the page cache emptied before each child (root only; checkpoints written
+hours ago are read from the disk):
 
   (a) stack:    torch.load every checkpoint, then torch.stack(...).mean(0) per key,
                 torch.save (the approach common in tutorials);
@@ -222,7 +225,21 @@ def run_child(approach: str, inputs: list[str], output: str, env: dict[str, str]
     side = output + ".json"
     if os.path.exists(side):
         os.remove(side)
+    # Commit the removal now (on a file system mounted with `discard`, freeing 256 MB is a
+    # trim the next journal commit waits for): else the next child's fsync pays for it.
+    os.sync()
     return result
+
+
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (root only, Linux); False when not allowed."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("3\n")
+    except OSError:
+        return False
+    return True
 
 
 def main() -> None:
@@ -234,6 +251,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="rounds; medians are reported")
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="empty the page cache before each child instead of warming its inputs (needs root): "
+        "checkpoints written hours ago are read from the disk",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     parser.add_argument("inputs", nargs="*", help=argparse.SUPPRESS)
@@ -248,6 +271,9 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         run_dir, pt_files, size = make_inputs(root, args.params, args.members)
+        # The inputs were just written: without this their write-back (GBs) would run during
+        # the first rounds and slow whichever approach it landed on.
+        os.sync()
         st_files = sorted(run_dir.glob("step-*/model.safetensors"))
         print(
             f"{args.members} checkpoints of {size / 4 / 1e6:.0f}M fp32 parameters "
@@ -283,7 +309,10 @@ def main() -> None:
                             f"{label}: skipped, needs ~{need / GIB:.1f} GiB, {available / GIB:.1f} GiB available"
                         )
                         continue
-                warm(files)
+                if not args.cold:
+                    warm(files)
+                elif not drop_page_cache():
+                    raise SystemExit("--cold needs to write /proc/sys/vm/drop_caches (root, Linux)")
                 suffix = ".safetensors" if approach.startswith("ladle") else ".pt"
                 runs.setdefault(label, []).append(run_child(approach, inputs, out + suffix, env))
         results: dict[str, dict[str, float]] = {}

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ladle import average, average_to_file, export_weights, soup
+from ladle.averaging.engine import BLOCK
+from ladle.averaging.integrity import FileHasher, StreamHasher
 from ladle.cli.main import main
 from ladle.errors import CorruptCheckpoint
 from ladle.store.run import Run
@@ -77,6 +80,55 @@ def test_torch_pickles_are_hashed_in_the_same_read(tmp_path: Path, monkeypatch: 
     # Only what the average does not read (zip records, the pickle, the integer tensor) is read
     # again for the checksum: not the 1 MiB of weights of each file.
     assert sum(filled) < 2 * 64 * 1024
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_each_file_is_hashed_in_read_order_whichever_thread_takes_its_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    # Every block its own job, three queued per member, four threads for five members, and
+    # each file's first block slow to hash: a member's later jobs go to other threads meanwhile
+    # and must wait. Hashed out of order, the checksum would read the skipped bytes again
+    # from the file (a gap) and the same read would no longer be the one hashed.
+    monkeypatch.setattr(StreamHasher, "CHUNK", 1)
+    monkeypatch.setattr(StreamHasher, "AHEAD", 3)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    feed, fill = FileHasher.feed, FileHasher._fill
+    gaps: list[int] = []
+
+    def slow_first(self: FileHasher, offset: int, data: memoryview) -> None:
+        if self._pos == 0:
+            time.sleep(0.05)
+        feed(self, offset, data)
+
+    def counted(self: FileHasher, upto: int | None) -> None:
+        if upto is not None:
+            gaps.append(upto - self._pos)
+        fill(self, upto)
+
+    monkeypatch.setattr(FileHasher, "feed", slow_first)
+    monkeypatch.setattr(FileHasher, "_fill", counted)
+    gen = torch.Generator().manual_seed(3)
+    paths = []
+    for i in range(5):
+        # Keys of several blocks, of part of one, and small ones between them.
+        state = {
+            "a": torch.randn(3 * BLOCK + 17, generator=gen),
+            "b": torch.randn(5, generator=gen),
+            "c": torch.randn(BLOCK // 3, generator=gen),
+            "d": torch.randn(2 * BLOCK, generator=gen),
+            "n": torch.tensor(i),
+        }
+        paths.append(tmp_path / f"m{i}{suffix}")
+        if suffix == ".pt":
+            torch.save(state, paths[-1])
+        else:
+            save_file(state, paths[-1])
+    result = average_to_file(paths, tmp_path / "o.safetensors")
+    for path, entry in zip(paths, result.provenance["members"], strict=True):
+        assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    # Only what the average never reads (headers, zip records, the integer tensor) is a gap.
+    assert max(gaps) < 4096
 
 
 def test_a_corrupted_member_is_refused_with_one_line_naming_the_file(tmp_path: Path) -> None:
@@ -164,3 +216,26 @@ def test_cli_avg_exits_2_on_a_corrupted_member_and_skips_it_on_request(
     assert main(["avg", str(tmp_path / "run"), "-o", out, "--skip-corrupt", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert [m["step"] for m in record["members"]] == [100, 300]
+
+
+def test_an_error_while_hashing_stops_the_average_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(StreamHasher, "CHUNK", 1)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file({"w": torch.full((2 * BLOCK,), float(i))}, paths[-1])
+    calls = {"n": 0}
+    feed = FileHasher.feed
+
+    def failing(self: FileHasher, offset: int, data: memoryview) -> None:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(5, "Input/output error")
+        feed(self, offset, data)
+
+    monkeypatch.setattr(FileHasher, "feed", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        average_to_file(paths, tmp_path / "o.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)

@@ -26,7 +26,9 @@ def assert_same(got: Diff, want: Diff) -> None:
     for side in (a, b):
         del side["a"], side["b"], side["summary"]
     changes = ("shape_changes", "dtype_changes", "value_changes")
-    assert {k: v for k, v in a.items() if k not in changes} == {k: v for k, v in b.items() if k not in changes}
+    assert {k: v for k, v in a.items() if k not in changes} == {
+        k: v for k, v in b.items() if k not in changes
+    }
     for kind in changes:
         assert [c["name"] for c in a[kind]] == [c["name"] for c in b[kind]], kind
         for x, y in zip(a[kind], b[kind], strict=True):
@@ -95,7 +97,9 @@ def test_only_the_tensors_whose_bytes_differ_are_reported(tmp_path: Path) -> Non
 
 def test_tied_names_differ_exactly_when_their_tensor_does(tmp_path: Path) -> None:
     aliases = {"ladle.aliases": json.dumps({"head.weight": "embed.weight"})}
-    save_file({"embed.weight": torch.zeros(4, 2), "bias": torch.zeros(2)}, tmp_path / "a.safetensors", aliases)
+    save_file(
+        {"embed.weight": torch.zeros(4, 2), "bias": torch.zeros(2)}, tmp_path / "a.safetensors", aliases
+    )
     save_file({"embed.weight": torch.ones(4, 2), "bias": torch.zeros(2)}, tmp_path / "b.safetensors", aliases)
     result = diff_files(tmp_path / "a.safetensors", tmp_path / "b.safetensors", sort="name")
     assert [c.name for c in result.value_changes] == ["embed.weight", "head.weight"]

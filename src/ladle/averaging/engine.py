@@ -188,11 +188,18 @@ class Averager:
             block = acc[start : start + count]
             self._sum_block(plan, start, count, block)
             finite = self._check_and_cast(plan, block, out[start : start + count] if narrow else None, finite)
-        for member in self.members:
-            member.source.release(key)
+        self._release(key)
         if not finite:
             self._explain_non_finite(key)
         return out.view(plan.info.shape)
+
+    def _release(self, key: str) -> None:
+        """Every member is done with `key`: its pages go once the hashing has read them."""
+        for i, member in enumerate(self.members):
+            if self._hasher is not None:
+                self._hasher.release(i, key)
+            else:
+                member.source.release(key)
 
     def _sum_block(self, plan: KeyPlan, start: int, count: int, block: torch.Tensor) -> None:
         """`block` = the weighted mean of every member's elements [start, start + count) of the key.
@@ -202,12 +209,22 @@ class Averager:
         """
         key, acc_dtype = plan.key, plan.acc_dtype
         hasher = self._hasher
+        first: torch.Tensor | None = None  # member 0's block, when it can wait for member 1's
         for i, member in enumerate(self.members):
             source = member.source
             buffer = hasher.buffer() if hasher is not None else self._scratch
             x = source.read_block(key, start, count, buffer)
             weight = self.weights[i]
-            if i == 0:
+            if first is not None:
+                # The first two blocks summed in one pass: no copy of the first into `block`.
+                torch.add(first, x, out=block)
+                self._done(0, key, start, count, first)
+                first = None
+            elif i == 0:
+                pairs = self.uniform and len(self.members) > 1
+                if pairs and x.dtype == acc_dtype and not self._in_scratch(x):
+                    first = x  # still valid when member 1 is read: a mapping, or a ring buffer in use
+                    continue
                 if self.uniform:
                     block.copy_(x)
                 elif x.dtype == acc_dtype:
@@ -220,15 +237,22 @@ class Averager:
                 block.add_(x)
             else:
                 block.add_(x, alpha=weight)
-            if hasher is not None:
-                hasher.feed(i, key, start, count, x)  # releases the block once hashed
-            else:
-                source.release_block(key, start, count)
+            self._done(i, key, start, count, x)
             del x
-            if self.progress is not None:
-                self.progress(count * plan.info.itemsize)
         if self.uniform:
             block.div_(len(self.members))
+
+    def _done(self, index: int, key: str, start: int, count: int, x: torch.Tensor) -> None:
+        """Member `index`'s block has been added: hash it, then drop its pages (or drop them now)."""
+        if self._hasher is not None:
+            self._hasher.feed(index, key, start, count, x)  # releases the block once hashed
+        else:
+            self.members[index].source.release_block(key, start, count)
+        if self.progress is not None:
+            self.progress(count * x.element_size())
+
+    def _in_scratch(self, x: torch.Tensor) -> bool:
+        return x.untyped_storage().data_ptr() == self._scratch.untyped_storage().data_ptr()
 
     def _check_and_cast(
         self, plan: KeyPlan, block: torch.Tensor, cast: torch.Tensor | None, finite: bool
@@ -274,8 +298,7 @@ class Averager:
                     if plan.info.numel == 0:
                         out.slot(plan, 0)  # a slot of its own: the one before may still be writing
                         out.submit(key, 0, None)
-                    for member in self.members:
-                        member.source.release(key)
+                    self._release(key)
                     if not finite:
                         out.drain()
                         self._explain_non_finite(key)

@@ -3,9 +3,9 @@
 The engine reads every byte of every member anyway; hashing them in a second
 pass would read them all again. Instead each block the engine reads (a view of
 the mapped file, or a ranged read into a buffer of a small ring) is handed, with
-its place in the file, to a hashing thread (hashlib releases the GIL), while the
-engine goes on with the next block; a mapped block's pages are dropped once hashed.
-A file's sha256 is fed in file order: bytes the engine never
+its place in the file, to the hashing threads (hashlib releases the GIL), while
+the engine goes on with the next block: mapped blocks in batches of a few MiB,
+whose pages are dropped once hashed. A file's sha256 is fed in file order: bytes the engine never
 reads (headers, integer tensors a policy skips, keys left out) are read from
 the file to fill the gap, and a block read again out of order is already
 hashed. When every key is done, the rest of each file is hashed and each
@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -112,27 +113,41 @@ def corrupt_error(mismatches: Sequence[Mismatch]) -> CorruptCheckpoint:
 class StreamHasher:
     """Hashes members while the engine reads them; `finish()` checks them.
 
-    The engine asks `buffer()` for where to read each block, then hands the
-    block over with `feed()`. Buffers form a ring: one is reused only once its
-    block is hashed. Each member is hashed by one thread (its blocks must be
-    hashed in order); members are spread over `threads` threads.
+    The engine asks `buffer()` for where to read each block, then hands the block
+    over with `feed()`. A block that is a view of a mapped file joins its member's
+    batch (consecutive blocks of a key merge into one range); a batch of `CHUNK`
+    bytes goes to the hashing threads as one job, which hashes it and then drops
+    its pages. Few large jobs matter: every job costs the engine thread a hand-over
+    and the GIL twice, and every page drop costs an interrupt of the other CPUs, so
+    hashing 1 MiB at a time made the engine wait on bookkeeping rather than work.
+    A block read into a buffer (a file on a store) is sent at once: its buffer is
+    one of a small ring, reused only once its block is hashed.
+
+    Any thread hashes any member, so five members keep two threads equally busy; a
+    member's jobs still run in the order it was read (each job first waits for the
+    member's previous one, which a FIFO pool has always started by then). At most
+    `AHEAD` jobs per member are queued before the engine waits, which bounds the
+    pages mapped at once to about (AHEAD + 1) x CHUNK per member.
     """
+
+    CHUNK = 2 << 20
+    AHEAD = 2
 
     def __init__(self, members: Sequence[Member], block_bytes: int, *, threads: int | None = None) -> None:
         self.members = list(members)
         count = threads or min(len(self.members), max(1, (os.cpu_count() or 1)))
-        self._pools = [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ladle-hash") for _ in range(max(1, count))
-        ]
+        self._pool = ThreadPoolExecutor(max_workers=max(1, count), thread_name_prefix="ladle-hash")
         self._hashers: list[dict[str, FileHasher]] = [
             {path: FileHasher(path) for path in m.source.files if path_isfile(path)} for m in self.members
         ]
         self._spans: list[dict[str, tuple[str, int] | None]] = [{} for _ in self.members]
-        # Enough buffers that the engine rarely waits: a few per hashing thread.
-        self._ring = [torch.empty(block_bytes, dtype=torch.uint8) for _ in range(4 * len(self._pools) + 2)]
+        self._ring = [torch.empty(block_bytes, dtype=torch.uint8) for _ in range(4 * max(1, count) + 2)]
         self._busy: list[Future[None] | None] = [None] * len(self._ring)
+        self._slot_of = {b.untyped_storage().data_ptr(): n for n, b in enumerate(self._ring)}
         self._turn = 0
-        self._last: list[Future[None] | None] = [None] * len(self.members)
+        self._batches: list[list[_Piece | _Release]] = [[] for _ in self.members]
+        self._batch_bytes = [0] * len(self.members)
+        self._queued: list[deque[Future[None]]] = [deque() for _ in self.members]
 
     def buffer(self) -> torch.Tensor:
         """The next free buffer of the ring (waits until its previous block is hashed)."""
@@ -157,26 +172,56 @@ class StreamHasher:
         source = self.members[index].source
         span = self._span(index, key)
         if span is None:
-            source.release_block(key, start, count)
+            if self._batches[index]:
+                self._batches[index].append(_Release(source, key, (start, count)))  # in order
+            else:
+                source.release_block(key, start, count)
             return
         path, offset = span
-        data = memoryview(block.reshape(-1).view(torch.uint8).numpy())
-        future = self._pools[index % len(self._pools)].submit(
-            _hash_then_release,
-            self._hashers[index][path],
-            offset + start * block.element_size(),
-            data,
-            source,
-            key,
-            (start, count),
-        )
-        self._busy[self._turn] = future
-        self._last[index] = future
+        batch = self._batches[index]
+        last = batch[-1] if batch else None
+        nbytes = count * block.element_size()
+        slot = self._slot_of.get(block.untyped_storage().data_ptr())
+        if slot is None and isinstance(last, _Piece) and last.continues(key, start, block):
+            last.count += count
+        else:
+            hasher = self._hashers[index][path]
+            batch.append(_Piece(hasher, offset, source, key, start, count, block.reshape(-1)))
+        self._batch_bytes[index] += nbytes
+        if slot is not None:
+            self._busy[slot] = self._send(index)
+        elif self._batch_bytes[index] >= self.CHUNK:
+            self._send(index)
+
+    def release(self, index: int, key: str) -> None:
+        """The engine is done with `key` of member `index`: its source releases it once every
+        block of it handed over is hashed (released now, the hash would map it again)."""
+        self._batches[index].append(_Release(self.members[index].source, key, None))
+
+    def _send(self, index: int) -> Future[None] | None:
+        """Hand member `index`'s batch to the hashing threads (after the member's previous one)."""
+        batch = self._batches[index]
+        if not batch:
+            return None
+        queued = self._queued[index]
+        while len(queued) >= self.AHEAD:
+            queued.popleft().result()
+        previous = queued[-1] if queued else None
+        future = self._pool.submit(_run_batch, previous, batch)
+        queued.append(future)
+        self._batches[index] = []
+        self._batch_bytes[index] = 0
+        return future
 
     def finish(self) -> list[Mismatch]:
         """Hash what is left of every file, record the checksums read, and list the mismatches."""
+        for i in range(len(self.members)):
+            self._send(i)
+        for queued in self._queued:
+            while queued:
+                queued.popleft().result()
         futures = {
-            (i, path): self._pools[i % len(self._pools)].submit(hasher.finish)
+            (i, path): self._pool.submit(hasher.finish)
             for i, hashers in enumerate(self._hashers)
             for path, hasher in hashers.items()
         }
@@ -198,20 +243,67 @@ class StreamHasher:
 
     def close(self) -> None:
         """Stop the hashing threads (idempotent); open files are closed."""
-        for pool in self._pools:
-            pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
         for hashers in self._hashers:
             for hasher in hashers.values():
                 hasher.close()
 
 
-def _hash_then_release(
-    hasher: FileHasher, offset: int, data: memoryview, source: TensorSource, key: str, block: tuple[int, int]
-) -> None:
-    try:
-        hasher.feed(offset, data)
-    finally:
-        source.release_block(key, *block)
+@dataclass(slots=True)
+class _Piece:
+    """Consecutive blocks of one key, read as views of one mapping: hashed with one call."""
+
+    hasher: FileHasher
+    offset: int
+    """Where the key starts in the file."""
+    source: TensorSource
+    key: str
+    start: int
+    count: int
+    first: torch.Tensor
+    """The first block (flat): the piece's elements follow it in the same storage."""
+
+    def continues(self, key: str, start: int, block: torch.Tensor) -> bool:
+        """Whether `block` (elements from `start` of `key`) lies right after this piece in memory."""
+        first = self.first
+        return (
+            key == self.key
+            and start == self.start + self.count
+            and block.dtype == first.dtype
+            and block.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+            and block.data_ptr() == first.data_ptr() + self.count * first.element_size()
+        )
+
+    def run(self) -> None:
+        first = self.first
+        try:
+            flat = first.as_strided((self.count,), (1,), first.storage_offset())
+            data = memoryview(flat.view(torch.uint8).numpy())
+            self.hasher.feed(self.offset + self.start * first.element_size(), data)
+        finally:
+            self.source.release_block(self.key, self.start, self.count)
+
+
+@dataclass(slots=True)
+class _Release:
+    """Release a block of a source (`block` = (start, count)), or the whole key (None)."""
+
+    source: TensorSource
+    key: str
+    block: tuple[int, int] | None
+
+    def run(self) -> None:
+        if self.block is None:
+            self.source.release(self.key)
+        else:
+            self.source.release_block(self.key, *self.block)
+
+
+def _run_batch(previous: Future[None] | None, batch: list[_Piece | _Release]) -> None:
+    if previous is not None:
+        previous.result()  # a member's bytes are hashed in file order
+    for item in batch:
+        item.run()
 
 
 def _recorded(member: Member, files: Sequence[str]) -> dict[str, str]:
