@@ -15,8 +15,9 @@ hours ago are read from the disk):
 
   (a) stack:    torch.load every checkpoint, then torch.stack(...).mean(0) per key,
                 torch.save (the approach common in tutorials);
-  (b) fairseq:  torch.load one full checkpoint at a time and sum in place, divide,
-                torch.save (what fairseq's scripts/average_checkpoints.py does);
+  (b) fairseq:  torch.load one full checkpoint at a time and sum in place, divide in
+                place, torch.save without fsync (what fairseq's
+                scripts/average_checkpoints.py does);
   ladle soup:   ladle.soup(run, "last:N", output=...) over the run (safetensors;
                 every member hashed in the same read as it is averaged and checked
                 against its meta.json; provenance; atomic fsynced output);
@@ -156,8 +157,9 @@ def worker(approach: str, inputs: list[str], output: str) -> dict[str, float]:
                 else:
                     params[k] += v
             del state
-        averaged = {k: v / len(inputs) for k, v in params.items()}
-        torch.save(averaged, output)
+        for v in params.values():
+            v.div_(len(inputs))  # in place, as fairseq does
+        torch.save(params, output)
     elif approach == "ladle-soup":
         ladle.soup(inputs[0], f"last:{int(inputs[1])}", output=output)
     elif approach == "ladle-avg":
