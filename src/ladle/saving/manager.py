@@ -324,9 +324,10 @@ class CheckpointManager:
         stopped_now = False
         if es is not None and not es.should_stop and es.metric in values:
             stopped_now = es.update(values[es.metric], epoch=self.epoch)
-        if es is not None and self.sharded and distributed():
-            # Rank 0's decision and counters on every rank: the ranks must stop together, and
-            # restoring the best checkpoint reads through DCP, a collective call.
+        if es is not None and distributed():
+            # Rank 0's decision and counters on every rank: the ranks must stop together (a
+            # DDP rank that stopped alone leaves the others waiting in their next all-reduce),
+            # and in a sharded job restoring the best checkpoint is a collective DCP read.
             stopped_now, state = broadcast_from_rank0((stopped_now, es.state_dict()))
             es.load_state_dict(state)
         reason = self.engine.poll("epoch", self.global_step, self.epoch, values)
