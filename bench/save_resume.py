@@ -3,7 +3,7 @@
     python bench/save_resume.py [--params 250e6] [--repeat 3] [--dir DIR]
 
 Save: `CheckpointManager.save()` (safetensors weights + weights-only state file,
-fsync of every file, sha256 of every file, meta.json, rename, index) against
+fsync of every file, sha256 and xxh3-128 of every file in one read, meta.json, rename, index) against
 `torch.save` of the same state dict followed by fsync. Resume:
 `CheckpointManager.resume()` (with checksum verification, and without) against
 a raw read of the same bytes into memory. Peak memory is the highest resident

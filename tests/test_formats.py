@@ -510,7 +510,9 @@ def test_ladle_checkpoint_folder_reads_model_weights_and_meta(tmp_path: Path) ->
         assert source.format == "ladle"
         assert source.step == 10
         assert source.metadata["metrics"] == {"val_loss": 0.5}
-        assert source.sha256 == meta["files"]["model.safetensors"]["sha256"]
+        (weights,) = source.files
+        assert source.recorded[weights].sha256 == meta["files"]["model.safetensors"]["sha256"]
+        assert source.recorded[weights].xxh3_128 == meta["files"]["model.safetensors"]["xxh3_128"]
         _equal(source, SD)
 
 
@@ -556,8 +558,10 @@ def test_ladle_checkpoint_with_sharded_model_weights(tmp_path: Path) -> None:
         assert source.format == "ladle"
         assert source.step == 2 and source.metadata["name"] == "checkpoint-2"
         assert len(source.files) == 3
-        assert source.metadata["files_sha256"] == {
-            name: record["sha256"] for name, record in meta["files"].items() if name.startswith("model")
+        assert {Path(f).name: (r.sha256, r.xxh3_128) for f, r in source.recorded.items()} == {
+            name: (record["sha256"], record["xxh3_128"])
+            for name, record in meta["files"].items()
+            if name.startswith("model")
         }
         _equal(source, SD)
         _equal(same, SD)

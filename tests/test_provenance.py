@@ -3,7 +3,6 @@ exists without it (nor leaves temporary files behind when its writer is killed).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -44,7 +44,10 @@ def test_average_to_file_records_provenance(tmp_path: Path) -> None:
     assert [m["step"] for m in record["members"]] == [100, 200, None]
     meta = json.loads((tmp_path / "run" / "step-000000100" / "meta.json").read_text())
     assert record["members"][0]["sha256"] == meta["files"]["model.safetensors"]["sha256"]
-    assert record["members"][2]["sha256"] == hashlib.sha256(loose.read_bytes()).hexdigest()
+    assert record["members"][0]["xxh3_128"] == meta["files"]["model.safetensors"]["xxh3_128"]
+    # A file no run describes is identified by the xxh3-128 of the bytes read (no sha256 pass).
+    assert record["members"][2]["xxh3_128"] == xxhash.xxh3_128_hexdigest(loose.read_bytes())
+    assert record["members"][2]["sha256"] is None
     assert (record["dtype"], record["accumulate"], record["int_policy"]) == (
         "as members",
         "float32",
@@ -61,9 +64,9 @@ def test_the_provenance_inside_the_output_holds_the_checksums_of_the_bytes_read(
     average_to_file([a, b], out)
     with safe_open(str(out), "pt") as handle:
         inside = json.loads(handle.metadata()[PROVENANCE_KEY])
-    assert [m["sha256"] for m in inside["members"]] == [
-        hashlib.sha256(a.read_bytes()).hexdigest(),
-        hashlib.sha256(b.read_bytes()).hexdigest(),
+    assert [m["xxh3_128"] for m in inside["members"]] == [
+        xxhash.xxh3_128_hexdigest(a.read_bytes()),
+        xxhash.xxh3_128_hexdigest(b.read_bytes()),
     ]
     torch.testing.assert_close(
         load_file(str(out))["w"], (load_file(str(a))["w"] + load_file(str(b))["w"]) / 2

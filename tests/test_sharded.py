@@ -77,7 +77,9 @@ def test_reading_the_model_of_a_sharded_checkpoint_touches_only_the_model_files(
     assert latest is not None
     with ladle.load_source(latest.path) as source:  # what `ladle avg` reads and hashes
         assert sorted(Path(f).name for f in source.files) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-        assert sorted(source.metadata["files_sha256"]) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+        assert sorted(Path(f).name for f in source.recorded) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+        # Every rank's files carry both checksums (each rank hashed what it wrote).
+        assert all(r.sha256 and r.xxh3_128 for r in source.recorded.values())
 
 
 def test_an_fsdp2_run_killed_mid_epoch_resumes_bit_exact(

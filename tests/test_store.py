@@ -139,7 +139,7 @@ def test_verify_names_a_corrupted_and_a_truncated_file(run: Run) -> None:
         handle.truncate(10)
     problems = run.verify()
     assert len(problems) == 2
-    assert "step-000000002/model.safetensors: sha256" in problems[0]
+    assert "step-000000002/model.safetensors: xxh3_128" in problems[0]
     assert "step-000000003/model.safetensors: size 10 bytes" in problems[1]
     assert run.verify(good.name) == []
 

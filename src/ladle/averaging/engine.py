@@ -59,7 +59,7 @@ Progress = Callable[[int], None]
 class Averager:
     """Streams the weighted average of `members`, key by key, following a `Plan`.
 
-    With `hashing`, every block read also feeds its member's sha256; `finish()`
+    With `hashing`, every block read also feeds its member's checksum; `finish()`
     then returns the members whose bytes differ from their recorded checksums.
     Close it (or use it as a context manager) to stop the hashing threads.
     """
@@ -139,7 +139,7 @@ class Averager:
 
     def finish(self) -> list[Mismatch]:
         """After every key: hash the rest of each member's files, record the checksums read on
-        the members, and list the files whose bytes differ from their recorded sha256."""
+        the members, and list the files whose bytes differ from their recorded checksum."""
         return self._hasher.finish() if self._hasher is not None else []
 
     def stream(self, order: Sequence[str], *, copy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,6 +1,6 @@
 """The front doors of averaging: `average()` (a state dict) and `average_to_file()`.
 
-Both open the members, verify them while averaging (each member's sha256 is
+Both open the members, verify them while averaging (each member's checksum is
 taken from the very bytes the average reads and compared with the checksum its
 run recorded; `skip_corrupt` leaves a corrupted member out with a warning
 instead of refusing), and record provenance. `average_to_file` streams
@@ -119,7 +119,7 @@ def average(
     `inputs`: paths, globs, folders, runs (`RUN` or `RUN@REF`), state dicts or
     open `TensorSource`s. `weights`: "uniform", numbers, "softmax:METRIC:min|max[:T]"
     or "recency:HALF_LIFE". `verify`: hash each member as it is read and refuse
-    one whose bytes differ from the sha256 its run recorded (`skip_corrupt`
+    one whose bytes differ from the checksum its run recorded (`skip_corrupt`
     leaves it out with a warning). Use `average_to_file` to average checkpoints
     larger than memory.
     """
@@ -148,7 +148,7 @@ class AverageResult:
     sidecar: str
     """The provenance JSON beside it ("" when none was written)."""
     provenance: dict[str, Any]
-    """Recipe, members (path, step, sha256 of the bytes read, weight), dtypes and policies, ladle version."""
+    """Recipe, members (path, step, checksums of the bytes read, weight), dtypes, policies, ladle version."""
     members: list[Member] = field(default_factory=list, repr=False)
     """The members averaged, in order (corrupted ones left out with `skip_corrupt`); their
     sources are closed once `average_to_file` returns."""
@@ -318,7 +318,7 @@ def average_to_file(
     local temporary file, then uploaded. The output is atomic and refuses to replace
     a file unless `force`. Provenance goes into the safetensors metadata
     (`ladle.provenance`) and `<output>.json`. `hash_files`: take each member's
-    sha256 from the bytes the average reads (no second pass), record it, and
+    checksum from the bytes the average reads (no second pass), record it, and
     refuse a member whose bytes differ from the checksum its run recorded
     (`skip_corrupt`: leave it out with a warning).
     """

@@ -5,13 +5,18 @@ pass would read them all again. Instead each block the engine reads (a view of
 the mapped file, or a ranged read into a buffer of a small ring) is handed, with
 its place in the file, to the hashing threads (hashlib releases the GIL), while
 the engine goes on with the next block: mapped blocks in batches of a few MiB,
-whose pages are dropped once hashed. A file's sha256 is fed in file order: bytes the engine never
+whose pages are dropped once hashed. A file's checksum is fed in file order: bytes the engine never
 reads (headers, integer tensors a policy skips, keys left out) are read from
 the file to fill the gap, and a block read again out of order is already
 hashed. When every key is done, the rest of each file is hashed and each
 checksum is compared with the one its run recorded in `meta.json`: a member
 whose bytes changed since it was saved is named (`CorruptCheckpoint`), and the
 provenance records the checksums of the bytes actually read.
+
+Each file is hashed with the checksum its run recorded for verifying
+(`FileRecord.checksum()`: xxh3-128, or sha256 for checkpoints saved before
+ladle recorded xxh3-128); a file no run describes gets an xxh3-128, which
+costs a small fraction of reading it (see `ladle.store.checksums`).
 
 Members whose reader cannot say where a tensor lies in its file (legacy
 pickles, tensors made in memory) are hashed whole at the end; in-memory state
@@ -20,7 +25,6 @@ dicts have no file and no checksum.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections import deque
@@ -33,6 +37,7 @@ import torch
 from ladle.averaging.members import Member
 from ladle.errors import CorruptCheckpoint
 from ladle.formats.source import TensorSource
+from ladle.store.checksums import XXH3_128, Checksum, new_digest
 from ladle.store.paths import open_ranged, path_isfile
 from ladle.store.ranged import RangedFile
 
@@ -42,12 +47,20 @@ _GAP_CHUNK = 4 << 20
 """Bytes read at a time when filling a gap the engine did not read."""
 
 
-class FileHasher:
-    """The sha256 of one file, fed with blocks read elsewhere; gaps are read from the file."""
+def checking_algorithm(source: TensorSource, path: str) -> str:
+    """The checksum to take of one backing file: the one its run recorded for verifying, else xxh3-128."""
+    record = source.recorded.get(path)
+    checksum = record.checksum() if record is not None else None
+    return checksum.algorithm if checksum is not None else XXH3_128
 
-    def __init__(self, path: str) -> None:
+
+class FileHasher:
+    """The checksum of one file, fed with blocks read elsewhere; gaps are read from the file."""
+
+    def __init__(self, path: str, algorithm: str) -> None:
         self.path = path
-        self._digest = hashlib.sha256()
+        self.algorithm = algorithm
+        self._digest = new_digest(algorithm)
         self._pos = 0
         self._reader: RangedFile | None = None  # local file or object on a store (ranged reads)
 
@@ -72,13 +85,13 @@ class FileHasher:
             self._digest.update(chunk)
             self._pos += len(chunk)
 
-    def finish(self) -> str:
-        """Hash the rest of the file; the hex digest of everything."""
+    def finish(self) -> Checksum:
+        """Hash the rest of the file; the checksum of everything."""
         try:
             self._fill(None)
         finally:
             self.close()
-        return self._digest.hexdigest()
+        return Checksum(self.algorithm, self._digest.hexdigest())
 
     def close(self) -> None:
         if self._reader is not None:
@@ -93,13 +106,13 @@ class Mismatch:
     member: Member | None
     """The member it backs (None for a source read outside an average)."""
     file: str
-    recorded: str
-    read: str
+    recorded: Checksum
+    read: Checksum
 
     def message(self) -> str:
         return (
-            f"{self.file}: the bytes read hash to sha256 {self.read[:12]}… but its meta.json recorded "
-            f"{self.recorded[:12]}…; the file changed after it was saved: restore it, or leave it out "
+            f"{self.file}: the bytes read hash to {self.read} but its meta.json recorded "
+            f"{self.recorded.hex[:12]}…; the file changed after it was saved: restore it, or leave it out "
             "(skip_corrupt=True, --skip-corrupt)"
         )
 
@@ -138,7 +151,12 @@ class StreamHasher:
         count = threads or min(len(self.members), max(1, (os.cpu_count() or 1)))
         self._pool = ThreadPoolExecutor(max_workers=max(1, count), thread_name_prefix="ladle-hash")
         self._hashers: list[dict[str, FileHasher]] = [
-            {path: FileHasher(path) for path in m.source.files if path_isfile(path)} for m in self.members
+            {
+                path: FileHasher(path, checking_algorithm(m.source, path))
+                for path in m.source.files
+                if path_isfile(path)
+            }
+            for m in self.members
         ]
         self._spans: list[dict[str, tuple[str, int] | None]] = [{} for _ in self.members]
         self._ring = [torch.empty(block_bytes, dtype=torch.uint8) for _ in range(4 * max(1, count) + 2)]
@@ -233,12 +251,8 @@ class StreamHasher:
             if not files:
                 continue
             read = {path: digests[(i, path)] for path in files}
-            recorded = _recorded(member, files)
-            for path in files:
-                expected = recorded.get(path)
-                if expected is not None and expected != read[path]:
-                    mismatches.append(Mismatch(member, path, expected, read[path]))
-            member.set_read_hashes(read)
+            mismatches.extend(Mismatch(member, path, *pair) for path, pair in _differing(member.source, read))
+            member.read_checksums = read
         return mismatches
 
     def close(self) -> None:
@@ -306,21 +320,25 @@ def _run_batch(previous: Future[None] | None, batch: list[_Piece | _Release]) ->
         item.run()
 
 
-def _recorded(member: Member, files: Sequence[str]) -> dict[str, str]:
-    """The checksums a run recorded for a member's files, by path."""
-    if len(member.source.files) == 1 and member.recorded_sha256:
-        return {member.source.files[0]: member.recorded_sha256}
-    by_name = member.recorded_file_hashes
-    return {path: by_name[os.path.basename(path)] for path in files if os.path.basename(path) in by_name}
+def _differing(source: TensorSource, read: dict[str, Checksum]) -> list[tuple[str, tuple[Checksum, ...]]]:
+    """The files of `source` whose checksum read differs from the one recorded: (path, (recorded, read))."""
+    found = []
+    for path, checksum in read.items():
+        record = source.recorded.get(path)
+        expected = record.checksum() if record is not None else None
+        if expected is not None and expected != checksum:
+            found.append((path, (expected, checksum)))
+    return found
 
 
 class VerifiedReader:
     """Reads whole tensors of one source (export, inspection of values) and hashes the bytes
-    on the way; `check()` then refuses a file whose bytes differ from its recorded sha256."""
+    on the way; `check()` then refuses a file whose bytes differ from its recorded checksum."""
 
     def __init__(self, source: TensorSource) -> None:
         self.source = source
-        self._hashers = {path: FileHasher(path) for path in source.files if path_isfile(path)}
+        files = [path for path in source.files if path_isfile(path)]
+        self._hashers = {path: FileHasher(path, checking_algorithm(source, path)) for path in files}
 
     def tensor(self, key: str) -> torch.Tensor:
         """`source.tensor(key)`, its bytes hashed when the reader knows where they lie."""
@@ -338,34 +356,17 @@ class VerifiedReader:
         out.update({alias: out[target] for alias, target in ties.items()})
         return {key: out[key] for key in names}
 
-    def check(self) -> dict[str, str]:
+    def check(self) -> dict[str, Checksum]:
         """Hash the rest of each file; the checksums by path. Raises `CorruptCheckpoint` naming
-        the first file whose bytes differ from the sha256 its checkpoint recorded."""
+        the first file whose bytes differ from the checksum its checkpoint recorded."""
         read = {path: hasher.finish() for path, hasher in self._hashers.items()}
-        recorded = recorded_checksums(self.source)
-        for path, digest in read.items():
-            expected = recorded.get(path)
-            if expected is not None and expected != digest:
-                raise CorruptCheckpoint(Mismatch(None, path, expected, digest).message())
+        for path, pair in _differing(self.source, read):
+            raise CorruptCheckpoint(Mismatch(None, path, *pair).message())
         return read
 
     def close(self) -> None:
         for hasher in self._hashers.values():
             hasher.close()
-
-
-def recorded_checksums(source: TensorSource) -> dict[str, str]:
-    """The sha256 a ladle checkpoint recorded for each backing file of `source`, by path."""
-    if len(source.files) == 1 and source.sha256:
-        return {source.files[0]: source.sha256}
-    by_name = source.metadata.get("files_sha256") if source.format == "ladle" else None
-    if not isinstance(by_name, dict):
-        return {}
-    return {
-        path: str(by_name[os.path.basename(path)])
-        for path in source.files
-        if os.path.basename(path) in by_name
-    }
 
 
 def hash_members(members: Sequence[Member]) -> list[Mismatch]:
@@ -394,8 +395,8 @@ __all__ = [
     "Mismatch",
     "StreamHasher",
     "VerifiedReader",
+    "checking_algorithm",
     "corrupt_error",
     "drop_corrupt",
     "hash_members",
-    "recorded_checksums",
 ]

@@ -26,6 +26,7 @@ from ladle.averaging.member_paths import expand_one
 from ladle.errors import ConfigError
 from ladle.formats import DictSource, TensorSource, load_source
 from ladle.store.checkpoint import CheckpointInfo
+from ladle.store.checksums import SHA256, Checksum
 from ladle.store.storage import is_url
 
 log = logging.getLogger("ladle")
@@ -47,28 +48,35 @@ class Member:
     """Recorded metrics (ladle checkpoints), used by softmax weights."""
     name: str | None = None
     """The checkpoint's name inside its run, for ladle checkpoints."""
-    sha256: str | None = None
-    """Checksum of the bytes of its weight file as the average read them (None until hashed)."""
-    file_hashes: dict[str, str] = field(default_factory=dict)
-    """The same for every backing file of a multi-file member (sharded folders), by file name."""
-    recorded_sha256: str | None = None
-    """The checksum its run recorded in meta.json for its one weight file, if any."""
-    recorded_file_hashes: dict[str, str] = field(default_factory=dict)
-    """The checksums its run recorded for each backing file of a multi-file member, by file name."""
+    read_checksums: dict[str, Checksum] = field(default_factory=dict)
+    """Checksums of its backing files' bytes as the average read them, by path (empty until hashed)."""
     owned: bool = True
     """Whether ladle opened the source (and closes it); sources passed in stay open."""
 
     @property
     def hashed(self) -> bool:
         """Whether its checksums were taken from the bytes read."""
-        return self.sha256 is not None or bool(self.file_hashes)
+        return bool(self.read_checksums)
 
-    def set_read_hashes(self, digests: Mapping[str, str]) -> None:
-        """Record the checksums of the bytes read, by file path."""
-        if len(digests) == 1 and len(self.source.files) == 1:
-            self.sha256 = next(iter(digests.values()))
-        else:
-            self.file_hashes = {os.path.basename(path): digest for path, digest in digests.items()}
+    @property
+    def content(self) -> Checksum | None:
+        """The checksum of the bytes read of a one-file member (what tells identical files apart)."""
+        if len(self.source.files) == 1:
+            return self.read_checksums.get(self.source.files[0])
+        return None
+
+    def file_checksums(self, path: str) -> dict[str, str]:
+        """What provenance records of one backing file: {algorithm: hex} of the bytes read, and
+        the sha256 its run recorded once the bytes read matched the checksum recorded beside it
+        (the same bytes: what other tools identify the file by)."""
+        read = self.read_checksums.get(path)
+        if read is None:
+            return {}
+        out = {read.algorithm: read.hex}
+        record = self.source.recorded.get(path)
+        if record is not None and record.sha256 and record.checksum() == read:
+            out.setdefault(SHA256, record.sha256)
+        return out
 
     def record(self, weight: float) -> dict[str, Any]:
         """Its provenance entry."""
@@ -77,15 +85,20 @@ class Member:
             "name": self.name,
             "step": self.step,
             "epoch": self.epoch,
-            "sha256": self.sha256,
+            SHA256: None,
             "weight": weight,
             "format": self.source.format,
         }
-        if self.file_hashes:
-            entry["files"] = dict(self.file_hashes)
-        if not self.hashed and (self.recorded_sha256 or self.recorded_file_hashes):
+        files = self.source.files
+        if len(files) == 1:
+            entry.update(self.file_checksums(files[0]))
+        elif self.hashed:
+            read = [f for f in files if f in self.read_checksums]
+            entry["files"] = {os.path.basename(f): self.file_checksums(f) for f in read}
+        recorded = {os.path.basename(f): r.sha256 for f, r in self.source.recorded.items() if r.sha256}
+        if not self.hashed and recorded:
             # Not read-verified (hashing off): what the run recorded, named as such.
-            entry["recorded_sha256"] = self.recorded_sha256 or dict(self.recorded_file_hashes)
+            entry["recorded_sha256"] = next(iter(recorded.values())) if len(files) == 1 else recorded
         if self.metrics:
             entry["metrics"] = dict(self.metrics)
         return entry
@@ -103,7 +116,6 @@ def member_from_source(source: TensorSource, *, label: str | None = None) -> Mem
     meta = source.metadata
     epoch = meta.get("epoch")
     metrics = meta.get("metrics")
-    hashes = meta.get("files_sha256") if source.format == "ladle" else None
     return Member(
         source=source,
         label=label or source.path,
@@ -111,8 +123,6 @@ def member_from_source(source: TensorSource, *, label: str | None = None) -> Mem
         epoch=int(epoch) if isinstance(epoch, int | float) and not isinstance(epoch, bool) else None,
         metrics=dict(metrics) if isinstance(metrics, dict) else {},
         name=meta.get("name") if source.format == "ladle" else None,
-        recorded_sha256=source.sha256,
-        recorded_file_hashes=dict(hashes) if isinstance(hashes, dict) else {},
     )
 
 
@@ -297,16 +307,17 @@ def _same_weights(a: TensorSource, b: TensorSource) -> bool:
 
 def note_identical(members: Sequence[Member]) -> None:
     """Log members whose bytes read hash the same (different files, identical contents)."""
-    seen: dict[str, Member] = {}
+    seen: dict[Checksum, Member] = {}
     for member in members:
-        if member.sha256 is None:
+        content = member.content
+        if content is None:
             continue
-        if member.sha256 in seen:
+        if content in seen:
             log.warning(
-                "%s has the same contents as %s (sha256 %s…); both are counted",
+                "%s has the same contents as %s (%s); both are counted",
                 member.label,
-                seen[member.sha256].label,
-                member.sha256[:12],
+                seen[content].label,
+                content,
             )
         else:
-            seen[member.sha256] = member
+            seen[content] = member

@@ -10,7 +10,7 @@ Recipes are described in `ladle.averaging.recipes`, weights in
 the soup goes in `ladle.averaging.soup_output`, and soups kept up to date
 during training in `ladle.averaging.running_soup`. Without `output` or
 `into_run` the soup stays in memory (`result.state_dict`). Every member is
-verified while it is read: one whose bytes differ from the sha256 its run
+verified while it is read: one whose bytes differ from the checksum its run
 recorded is refused (`skip_corrupt=True` leaves it out with a warning).
 
 `run` may also be another tool's output folder that is not a ladle run (a
@@ -178,7 +178,7 @@ def soup(
     re-estimates the BatchNorm statistics of every average of two or more
     members before it is scored, and the soup is written with them (see
     `ladle.averaging.scoring`). Each member is hashed as it is read
-    and refused if its bytes differ from the sha256 its run recorded
+    and refused if its bytes differ from the checksum its run recorded
     (`skip_corrupt=True` leaves it out with a warning).
 
     `run` may be a transformers Trainer output directory that is not a ladle

@@ -134,7 +134,7 @@ def avg_command(
     ] = True,
     skip_corrupt: Annotated[
         bool,
-        typer.Option("--skip-corrupt", help="Leave out (with a warning) inputs that fail their sha256."),
+        typer.Option("--skip-corrupt", help="Leave out (with a warning) inputs that fail their checksum."),
     ] = False,
     keep_structure: Annotated[
         bool,
@@ -150,9 +150,9 @@ def avg_command(
 
     Floats accumulate in float32 (bf16/fp16 members are rounded once); integer
     tensors follow --int-policy; tied weights stay tied. Each input is hashed
-    while it is read; one whose bytes differ from the sha256 in its meta.json
+    while it is read; one whose bytes differ from the checksum in its meta.json
     is refused (--skip-corrupt leaves it out). The output is written atomically
-    with its provenance (recipe, members, sha256 of the bytes read, weights) in
+    with its provenance (recipe, members, checksums of the bytes read, weights) in
     the safetensors metadata and OUT.json.
     """
     if ema and key not in (None, "ema"):

@@ -13,6 +13,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ls": ("ladle.cli.ls", "List a run's checkpoints: name, step, metrics, marks."),
     "report": ("ladle.cli.report", "Draw a run's learning curves, one panel per metric."),
     "soup": ("ladle.cli.soup", "Average a run's checkpoints chosen by a recipe (a soup)."),
-    "verify": ("ladle.cli.verify", "Check every checkpoint file against its recorded sha256."),
+    "verify": ("ladle.cli.verify", "Check every checkpoint file against its recorded checksum."),
     "version": ("ladle.cli.version", "Print ladle's version."),
 }

@@ -108,7 +108,7 @@ def soup_command(
     name: Annotated[str | None, typer.Option("--name", help="Name of the checkpoint for --into-run.")] = None,
     skip_corrupt: Annotated[
         bool,
-        typer.Option("--skip-corrupt", help="Leave out (with a warning) members that fail their sha256."),
+        typer.Option("--skip-corrupt", help="Leave out (with a warning) members that fail their checksum."),
     ] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show the chosen checkpoints and weights; write nothing.")

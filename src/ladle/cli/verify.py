@@ -32,7 +32,7 @@ def verify_command(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """Check every checkpoint file against its recorded sha256.
+    """Check every checkpoint file against its recorded checksum.
 
     Names each bad file (missing, truncated, changed, unreadable) and each folder
     that looks like a checkpoint but is not one (no or unreadable meta.json).

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ladle.errors import CheckpointNotFound, CorruptCheckpoint, FormatError, first_line
 from ladle.formats.dcp_metadata import METADATA_NAME as DCP_METADATA
@@ -41,6 +41,9 @@ from ladle.formats.source import (
 )
 from ladle.store.paths import download, open_ranged, path_isfile, path_kind, path_size, read_path
 from ladle.store.storage import is_url, local_path_of
+
+if TYPE_CHECKING:
+    from ladle.store.checkpoint import FileRecord
 
 log = logging.getLogger("ladle")
 
@@ -176,7 +179,7 @@ def _open_ladle_checkpoint(path: str, key: str | None) -> TensorSource:
     meta_path = os.path.join(path, "meta.json")
     try:
         raw = read_path(meta_path)
-        load_meta(raw, path)  # the marker's own checksum and plain file names
+        records = load_meta(raw, path).files  # the marker's own checksum and plain file names
         meta = json.loads(raw)
         files = dict(meta.get("files") or {})
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
@@ -190,12 +193,7 @@ def _open_ladle_checkpoint(path: str, key: str | None) -> TensorSource:
         from ladle.formats.dcp import DcpSource
 
         source: TensorSource = DcpSource(path, key=name)
-        recorded = {
-            os.path.basename(f): str(files[os.path.basename(f)]["sha256"])
-            for f in source.files
-            if isinstance(files.get(os.path.basename(f)), dict)
-        }
-        return _ladle_source(source, path, meta, recorded)
+        return _ladle_source(source, path, meta, records)
     filename = ladle_weights_file(files, key)
     weights = os.path.join(path, filename) if filename else ""
     if filename is None or not path_isfile(weights):
@@ -209,26 +207,20 @@ def _open_ladle_checkpoint(path: str, key: str | None) -> TensorSource:
     # Sharded weights (a Trainer checkpoint of a large model, recorded as it is) or a
     # torch file open as they would in a transformers folder; `model.safetensors` directly.
     source = _open_file(weights, None, False)
-    recorded: dict[str, str] = {}
     try:
         for file in source.files:
-            record = files.get(os.path.basename(file))
-            _check_size(file, record)
-            if isinstance(record, dict) and record.get("sha256"):
-                recorded[os.path.basename(file)] = str(record["sha256"])
+            _check_size(file, files.get(os.path.basename(file)))
     except BaseException:
         source.close()
         raise
-    if len(source.files) == 1:
-        record = files[filename]
-        source.sha256 = record.get("sha256") if isinstance(record, dict) else None
-    return _ladle_source(source, path, meta, recorded)
+    return _ladle_source(source, path, meta, records)
 
 
 def _ladle_source(
-    source: TensorSource, path: str, meta: Mapping[str, Any], recorded: dict[str, str]
+    source: TensorSource, path: str, meta: Mapping[str, Any], records: Mapping[str, FileRecord]
 ) -> TensorSource:
-    """`source` labelled as the ladle checkpoint at `path`, with its step, epoch and metrics."""
+    """`source` labelled as the ladle checkpoint at `path`, with its step, epoch and metrics, and
+    the sizes and checksums its meta.json recorded for the files backing it."""
     source.path = path
     source.format = "ladle"
     source.metadata = {
@@ -239,8 +231,8 @@ def _ladle_source(
         "metrics": meta.get("metrics") or {},
         "kind": meta.get("kind", "train"),
     }
-    if len(source.files) > 1 and len(recorded) == len(source.files):
-        source.metadata["files_sha256"] = recorded
+    names = {f: os.path.basename(f) for f in source.files}
+    source.recorded = {f: records[name] for f, name in names.items() if name in records}
     return source
 
 

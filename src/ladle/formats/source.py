@@ -26,6 +26,8 @@ from ladle.formats.dtypes import dtype_name, is_floating_name, itemsize, torch_d
 if TYPE_CHECKING:
     import torch
 
+    from ladle.store.checkpoint import FileRecord
+
 log = logging.getLogger("ladle")
 
 # Safetensors metadata entry listing tied names stored once: {alias: stored key}
@@ -122,8 +124,8 @@ class TensorSource(ABC):
     Attributes: `path` (what was opened), `format` (a short name such as
     "safetensors", "torch", "safetensors-sharded", "ladle"), `metadata` (text
     and numbers stored beside the tensors), `files` (the files that back it, for
-    duplicate detection and hashing), `sha256` (the recorded checksum of the one
-    backing file when known without reading, e.g. from a ladle meta.json).
+    duplicate detection and hashing), `recorded` (what a ladle meta.json recorded
+    for backing files, by path: sizes and checksums, known without reading).
     """
 
     path: str
@@ -132,7 +134,7 @@ class TensorSource(ABC):
     def __init__(self) -> None:
         self.metadata: dict[str, Any] = {}
         self.files: list[str] = []
-        self.sha256: str | None = None
+        self.recorded: dict[str, FileRecord] = {}
         self.closed = False
 
     @abstractmethod
@@ -357,7 +359,7 @@ class RenamedSource(TensorSource):
         self.format = inner.format
         self.metadata = inner.metadata
         self.files = inner.files
-        self.sha256 = inner.sha256
+        self.recorded = inner.recorded
         self._map = mapping
         self._back = {v: k for k, v in mapping.items()}
 

@@ -59,7 +59,7 @@ from ladle.state.model_weights import kind_of
 from ladle.state.readers import EMA_NAME
 from ladle.state.rng import capture_rng
 from ladle.store.checkpoint import CheckpointInfo, FileRecord
-from ladle.store.checksums import sha256_file
+from ladle.store.checksums import checksum_file, file_checksums
 from ladle.store.run import Run
 
 log = logging.getLogger("ladle")
@@ -444,18 +444,18 @@ def _missing_keys(state: Mapping[str, Any], metadata: Any) -> list[str]:
 
 
 def _sync_and_hash(folder: str, filenames: Iterable[str]) -> dict[str, FileRecord]:
-    """fsync and sha256 of files this rank wrote, on two threads, largest first."""
+    """fsync and checksums of files this rank wrote, on two threads, largest first."""
     from ladle.store.storage import LocalStorage
 
     storage = LocalStorage()
     paths = {f: os.path.join(folder, f) for f in filenames}
     order = sorted(paths, key=lambda f: -os.path.getsize(paths[f]))
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ladle-shard") as pool:
-        hashed = {f: pool.submit(sha256_file, storage, paths[f]) for f in order}
+        hashed = {f: pool.submit(file_checksums, storage, paths[f]) for f in order}
         synced = [pool.submit(storage.fsync_file, paths[f]) for f in order]
         for future in synced:
             future.result()
-        return {f: FileRecord(size=os.path.getsize(paths[f]), sha256=hashed[f].result()) for f in order}
+        return {f: FileRecord(size=os.path.getsize(paths[f]), **hashed[f].result()) for f in order}
 
 
 def _check_share(run: Run, info: CheckpointInfo, rank: int, world: int, verify: bool) -> list[str]:
@@ -469,6 +469,7 @@ def _check_share(run: Run, info: CheckpointInfo, rank: int, world: int, verify: 
         if run.storage.size(path) != record.size:
             problems.append(f"{path}: {run.storage.size(path)} bytes, meta.json recorded {record.size}")
             continue
-        if verify and index % world == rank and sha256_file(run.storage, path) != record.sha256:
+        checksum = record.checksum() if verify and index % world == rank else None
+        if checksum is not None and checksum_file(run.storage, path, checksum.algorithm) != checksum.hex:
             problems.append(f"{path}: checksum does not match meta.json (corrupted)")
     return problems

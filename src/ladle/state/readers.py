@@ -30,7 +30,7 @@ from ladle.formats.safetensors_io import tensors_from_buffer
 from ladle.state.model_weights import ALIASES_KEY, STATE_FORMAT, check_model_fits, with_aliases
 from ladle.store.checkpoint import CheckpointInfo
 from ladle.store.checks import check_readable
-from ladle.store.checksums import map_file, sha256_mapped
+from ladle.store.checksums import checksum_mapped, map_file
 from ladle.store.paths import local_copy
 from ladle.store.storage import Storage
 
@@ -50,12 +50,12 @@ def read_model_weights(
     models: Mapping[str, nn.Module],
     *,
     strict: bool,
-    verify: bool = False,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Each model's weights from `<name>.safetensors`; with `strict`, checked to fit the live model first.
 
-    With `verify` (local files), the tensors are views of a private mapping of the
-    file, whose pages `read_checkpoint`'s hashing threads read: no second read.
+    Local files: the tensors are views of a private mapping of the file, so the only
+    copy is the live model's; when `read_checkpoint` verifies, its hashing threads
+    read the same pages: no second read.
     """
     from safetensors import safe_open
 
@@ -68,9 +68,9 @@ def read_model_weights(
                 f"{', '.join(sorted(info.files))}); register the same names as the saving run"
             )
         try:
-            if verify and storage.local_path(info.file(filename)) is not None:
-                # Views of a mapping of the file: the bytes are touched once, by the hashing thread.
-                local = storage.local_path(info.file(filename))
+            local = storage.local_path(info.file(filename))
+            if local is not None:
+                # Views of a mapping of the file: the bytes are read once (by the hash, when verifying).
                 tensors, metadata = tensors_from_buffer(map_file(local), info.file(filename))
                 shapes = {k: (tuple(t.shape), None) for k, t in tensors.items()}
                 for alias, target in json.loads(metadata.get(ALIASES_KEY, "{}")).items():
@@ -103,7 +103,7 @@ def read_model_weights(
     return found
 
 
-def read_state(storage: Storage, info: CheckpointInfo, *, verify: bool = False) -> dict[str, Any] | None:
+def read_state(storage: Storage, info: CheckpointInfo) -> dict[str, Any] | None:
     """The `state.pt` payload (weights-only unpickling); None for a weights-only checkpoint (a soup)."""
     if STATE_FILE not in info.files:
         if info.kind == "train":
@@ -113,10 +113,8 @@ def read_state(storage: Storage, info: CheckpointInfo, *, verify: bool = False) 
     path = info.file(STATE_FILE)
     try:
         local = storage.local_path(path)
-        if verify and local is not None:  # mapped: the hashing thread touches the bytes first
+        if local is not None:  # mapped: tensors are views of the page cache, not a copy of it
             payload = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
-        elif local is not None:  # a path lets torch read without Python file calls
-            payload = torch.load(local, map_location="cpu", weights_only=True)
         else:
             with storage.open(path, "rb") as handle:
                 payload = torch.load(handle, map_location="cpu", weights_only=True)
@@ -131,9 +129,7 @@ def read_state(storage: Storage, info: CheckpointInfo, *, verify: bool = False) 
     return payload
 
 
-def read_ema_weights(
-    storage: Storage, info: CheckpointInfo, *, verify: bool = False
-) -> dict[str, torch.Tensor] | None:
+def read_ema_weights(storage: Storage, info: CheckpointInfo) -> dict[str, torch.Tensor] | None:
     """The EMA weights from `ema.safetensors`; None when the checkpoint has none.
 
     A sharded checkpoint's EMA is read whole from its DCP folder, in this one process
@@ -147,8 +143,8 @@ def read_ema_weights(
             return _read_dcp_ema(storage, info)
         return None
     try:
-        if verify and storage.local_path(info.file(filename)) is not None:
-            local = storage.local_path(info.file(filename))
+        local = storage.local_path(info.file(filename))
+        if local is not None:
             return with_aliases(*tensors_from_buffer(map_file(local), info.file(filename)))
         with (
             local_copy(info.file(filename), storage=storage) as path,
@@ -211,16 +207,20 @@ def read_checkpoint(
     # readers build tensors as views of the same pages, so each byte is read from the page
     # cache once (by the hash) until the live objects copy what they need.
     hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ladle-verify")
-    largest_first = sorted(info.files, key=lambda f: -info.files[f].size) if verify else []
-    digests = {f: hashing.submit(sha256_mapped, storage, info.file(f)) for f in largest_first}
+    expected = {f: r.checksum() for f, r in info.files.items()} if verify else {}
+    checked = {f: c for f, c in expected.items() if c is not None}
+    largest_first = sorted(checked, key=lambda f: -info.files[f].size)
+    digests = {
+        f: hashing.submit(checksum_mapped, storage, info.file(f), checked[f].algorithm) for f in largest_first
+    }
     try:
         contents = CheckpointContents(
-            models=read_model_weights(storage, info, models, strict=strict, verify=verify),
-            payload=read_state(storage, info, verify=verify),
-            ema=read_ema_weights(storage, info, verify=verify) if ema else None,
+            models=read_model_weights(storage, info, models, strict=strict),
+            payload=read_state(storage, info),
+            ema=read_ema_weights(storage, info) if ema else None,
         )
         for filename, future in digests.items():
-            if future.result() != info.files[filename].sha256:
+            if future.result() != checked[filename].hex:
                 raise CorruptCheckpoint(
                     f"{info.file(filename)}: checksum does not match meta.json (corrupted); {_FALLBACK_HINT}"
                 )

@@ -21,6 +21,7 @@ from typing import Any
 
 from ladle._version import __version__
 from ladle.metrics import Mode, encode_metrics, is_finite_number, sort_key
+from ladle.store.checksums import SHA256, XXH3_128, Checksum
 from ladle.store.layout import META_NAME, is_plain_file_name
 
 log = logging.getLogger("ladle")
@@ -98,10 +99,39 @@ def load_meta(raw: bytes, path: str) -> CheckpointInfo:
 
 @dataclass(frozen=True)
 class FileRecord:
-    """Size and sha256 of one file of a checkpoint, as recorded at commit."""
+    """Size and checksums of one file of a checkpoint, as recorded at commit.
+
+    Empty checksums were not recorded: another tool's files (sizes only), or
+    xxh3-128 in a checkpoint saved before ladle recorded it.
+    """
 
     size: int
     sha256: str
+    xxh3_128: str = ""
+
+    def checksum(self) -> Checksum | None:
+        """The recorded checksum a reader verifies the file against: the cheapest one
+        recorded (see `ladle.store.checksums`), None when none was."""
+        if self.xxh3_128:
+            return Checksum(XXH3_128, self.xxh3_128)
+        if self.sha256:
+            return Checksum(SHA256, self.sha256)
+        return None
+
+    def to_meta(self) -> dict[str, Any]:
+        """Its entry in meta.json's `files`."""
+        entry: dict[str, Any] = {"size": self.size, "sha256": self.sha256}
+        if self.xxh3_128:
+            entry["xxh3_128"] = self.xxh3_128
+        return entry
+
+    @classmethod
+    def from_meta(cls, entry: Mapping[str, Any]) -> FileRecord:
+        """Parse an entry of meta.json's `files`; KeyError/TypeError/ValueError when malformed."""
+        fast = entry.get("xxh3_128", "")
+        if not isinstance(fast, str):
+            raise TypeError(f"xxh3_128 is {type(fast).__name__}, not a hex string")
+        return cls(size=int(entry["size"]), sha256=str(entry["sha256"]), xxh3_128=fast)
 
 
 @dataclass(frozen=True)
@@ -143,7 +173,7 @@ class CheckpointInfo:
             "epoch": self.epoch,
             "time": self.time,
             "metrics": self.metrics,
-            "files": {k: {"size": v.size, "sha256": v.sha256} for k, v in self.files.items()},
+            "files": {k: v.to_meta() for k, v in self.files.items()},
             "pinned": self.pinned,
             "monitor": self.monitor,
             "kind": self.kind,
@@ -164,10 +194,7 @@ class CheckpointInfo:
         """
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"unknown format {meta.get('format')!r}")
-        files = {
-            str(k): FileRecord(size=int(v["size"]), sha256=str(v["sha256"]))
-            for k, v in dict(meta["files"]).items()
-        }
+        files = {str(k): FileRecord.from_meta(dict(v)) for k, v in dict(meta["files"]).items()}
         for filename in files:
             if not is_plain_file_name(filename):
                 raise ValueError(f"file name {filename!r} is not a plain name inside the checkpoint")

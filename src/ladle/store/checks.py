@@ -12,7 +12,7 @@ import os
 
 from ladle.errors import CorruptCheckpoint, StorageError, first_line
 from ladle.store.checkpoint import CheckpointInfo, FileRecord, parse_meta
-from ladle.store.checksums import sha256_file
+from ladle.store.checksums import checksum_file
 from ladle.store.layout import META_NAME
 from ladle.store.storage import Storage
 
@@ -54,9 +54,12 @@ def _check_file(storage: Storage, path: str, record: FileRecord, load: bool) -> 
     size = storage.size(path)
     if size != record.size:
         return f"{path}: size {size} bytes, meta.json recorded {record.size}"
-    digest = sha256_file(storage, path)
-    if digest != record.sha256:
-        return f"{path}: sha256 {digest[:12]}… does not match meta.json"
+    checksum = record.checksum()
+    if checksum is not None:
+        digest = checksum_file(storage, path, checksum.algorithm)
+        if digest != checksum.hex:
+            recorded = checksum.hex[:12]
+            return f"{path}: {checksum.algorithm} {digest[:12]}… does not match meta.json ({recorded}…)"
     if load:
         error = _load_error(storage, path)
         if error:

@@ -1,7 +1,15 @@
-"""sha256 of checkpoint files, and private read-only mappings of local ones.
+"""Checksums of checkpoint files, and private read-only mappings of local ones.
 
-The commit protocol records a checksum of every file; readers and `verify`
-recompute it. Local files are hashed from a mapping (no copy into Python).
+The commit protocol records two checksums of every file (`FileRecord`):
+- sha256, the strong identity of its bytes: what provenance records and what other
+  tools (`sha256sum`, the Hugging Face Hub) compare;
+- xxh3-128, which costs less than reading the bytes (about 20 GB/s per core here,
+  against 1.5 GB/s for sha256 with SHA extensions): every reader and `verify`
+  check a file against it, so that verifying never doubles the time of a read.
+
+Both are computed in the same read at commit. A checkpoint saved before xxh3-128 was
+recorded is checked against its sha256. Local files are hashed from a mapping (no
+copy into Python); both libraries release the GIL while they hash.
 """
 
 from __future__ import annotations
@@ -9,18 +17,75 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import xxhash
 
 from ladle.store.storage import Storage
 
 HASH_CHUNK = 8 << 20
 
+SHA256 = "sha256"
+XXH3_128 = "xxh3_128"
+ALGORITHMS = (XXH3_128, SHA256)
+"""What a commit records, the checksum readers verify against first."""
 
-def sha256_file(storage: Storage, path: str) -> str:
-    """Hex sha256 of a file, read in large chunks (hashlib releases the GIL)."""
-    digest = hashlib.sha256()
+
+class Digest(Protocol):
+    def update(self, data: Any, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def new_digest(algorithm: str) -> Digest:
+    """An empty running checksum of `algorithm` (one of `ALGORITHMS`)."""
+    if algorithm == XXH3_128:
+        return xxhash.xxh3_128()
+    if algorithm == SHA256:
+        return hashlib.sha256()
+    raise ValueError(f"unknown checksum {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+
+
+@dataclass(frozen=True)
+class Checksum:
+    """One recorded or computed checksum: its algorithm and hex digest."""
+
+    algorithm: str
+    hex: str
+
+    def __str__(self) -> str:
+        return f"{self.algorithm} {self.hex[:12]}…"
+
+
+def file_checksums(storage: Storage, path: str) -> dict[str, str]:
+    """Every checksum a commit records for one file ({algorithm: hex}), in one read."""
+    digests = {name: new_digest(name) for name in ALGORITHMS}
+    with storage.open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            # Both digests over one chunk while it is in the CPU's cache.
+            for digest in digests.values():
+                digest.update(chunk)
+    return {name: digest.hexdigest() for name, digest in digests.items()}
+
+
+def checksum_file(storage: Storage, path: str, algorithm: str) -> str:
+    """Hex checksum of a file, read in large chunks."""
+    digest = new_digest(algorithm)
     with storage.open(path, "rb") as handle:
         while chunk := handle.read(HASH_CHUNK):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksum_mapped(storage: Storage, path: str, algorithm: str) -> str:
+    """Hex checksum of a file; local files are hashed straight from a mapping (no copy into Python)."""
+    local = storage.local_path(path)
+    if local is None or os.path.getsize(local) == 0:
+        return checksum_file(storage, path, algorithm)
+    digest = new_digest(algorithm)
+    with map_file(local) as mapped:
+        digest.update(mapped)
     return digest.hexdigest()
 
 
@@ -32,12 +97,3 @@ def map_file(path: str) -> mmap.mmap:
         if size == 0:
             return mmap.mmap(-1, 1)
         return mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY)
-
-
-def sha256_mapped(storage: Storage, path: str) -> str:
-    """Hex sha256 of a file; local files are hashed straight from a mapping (no copy into Python)."""
-    local = storage.local_path(path)
-    if local is None or os.path.getsize(local) == 0:
-        return sha256_file(storage, path)
-    with map_file(local) as mapped:
-        return hashlib.sha256(mapped).hexdigest()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ladle.errors import ConfigError, RunError
 from ladle.store.checkpoint import CheckpointInfo, FileRecord, new_record
-from ladle.store.checksums import HASH_CHUNK, sha256_file
+from ladle.store.checksums import HASH_CHUNK, file_checksums
 from ladle.store.failures import writing
 from ladle.store.layout import META_NAME, TMP_PREFIX
 from ladle.store.storage import LocalStorage
@@ -103,11 +103,11 @@ class PendingCheckpoint:
                 writing(self.run.path, final_path),
                 ThreadPoolExecutor(max_workers=2, thread_name_prefix="ladle-commit") as pool,
             ):
-                hashed = {f: pool.submit(sha256_file, storage, self.file_path(f)) for f in order}
+                hashed = {f: pool.submit(file_checksums, storage, self.file_path(f)) for f in order}
                 synced = [pool.submit(storage.fsync_file, self.file_path(f)) for f in order]
                 files = dict(self._written)
                 files.update(
-                    (f, FileRecord(size=self._pending[f], sha256=hashed[f].result())) for f in self._pending
+                    (f, FileRecord(size=self._pending[f], **hashed[f].result())) for f in self._pending
                 )
                 for future in synced:
                     future.result()

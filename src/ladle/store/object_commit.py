@@ -23,7 +23,6 @@ the intent; an interrupted deletion is finished by the next writer.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ladle.errors import ConfigError, RunError
 from ladle.store.checkpoint import CheckpointInfo, FileRecord, new_record
+from ladle.store.checksums import ALGORITHMS, new_digest
 from ladle.store.failures import writing
 from ladle.store.layout import META_NAME
 from ladle.store.lock import _holder
@@ -82,16 +82,17 @@ class ObjectPendingCheckpoint:
         try:
             with writing(self.run.path, target):
                 writer(staged)
-                digest = hashlib.sha256()
+                digests = {name: new_digest(name) for name in ALGORITHMS}
                 size = 0
                 with open(staged, "rb") as src, self.run.storage.open(target, "wb") as dst:
                     while chunk := src.read(_CHUNK):
-                        digest.update(chunk)
+                        for digest in digests.values():
+                            digest.update(chunk)
                         dst.write(chunk)
                         size += len(chunk)
         finally:
             os.remove(staged)
-        self.files[filename] = FileRecord(size=size, sha256=digest.hexdigest())
+        self.files[filename] = FileRecord(size=size, **{n: d.hexdigest() for n, d in digests.items()})
 
     def commit(
         self,

@@ -25,7 +25,7 @@ from ladle.errors import CheckpointNotFound, ConfigError, NotARunDirectory, RunE
 from ladle.metrics import Mode, encode_metrics
 from ladle.store.checkpoint import CheckpointInfo, FileRecord, best_of, new_record, parse_meta
 from ladle.store.checks import verify_checkpoint
-from ladle.store.checksums import sha256_file
+from ladle.store.checksums import file_checksums
 from ladle.store.commit import PendingCheckpoint
 from ladle.store.failures import writing
 from ladle.store.layout import INDEX_NAME, META_NAME, NAME_RE, TRASH_PREFIX, is_leftover, validate_name
@@ -201,7 +201,7 @@ class Run:
     def verify(self, ref: str | int | CheckpointInfo | None = None, *, load: bool = True) -> list[str]:
         """Problems found in one checkpoint (or all), one line each; empty when all is well.
 
-        Recomputes every file's size and sha256 against meta.json, and with
+        Recomputes every file's size and checksum against meta.json, and with
         `load=True` also parses each file (safetensors header, weights-only unpickle).
         """
         targets = [self.get(ref)] if ref is not None else self.checkpoints()
@@ -289,11 +289,11 @@ class Run:
         ]
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ladle-adopt") as pool:
             synced = [pool.submit(storage.fsync_file, storage.join(path, f)) for f in filenames]
-            digests = {f: pool.submit(sha256_file, storage, storage.join(path, f)) for f in filenames}
+            digests = {f: pool.submit(file_checksums, storage, storage.join(path, f)) for f in filenames}
             for future in synced:
                 future.result()
             files = {
-                f: FileRecord(storage.size(storage.join(path, f)), digests[f].result()) for f in filenames
+                f: FileRecord(storage.size(storage.join(path, f)), **digests[f].result()) for f in filenames
             }
         storage.fsync_dir(path)
         previous = self._checkpoints.get(name)

@@ -1,6 +1,6 @@
 """What `ladle verify` checks: every file of every checkpoint, and what is not a checkpoint.
 
-Builds on `Run.verify()` (size and sha256 against meta.json, then a parse of
+Builds on `Run.verify()` (size and checksum against meta.json, then a parse of
 each file: the safetensors header and every tensor's extent, a weights-only
 unpickle). On top of that it names checkpoint folders the run cannot list
 (an unreadable meta.json, weights without a meta.json) and files a checkpoint
