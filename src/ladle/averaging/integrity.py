@@ -3,7 +3,7 @@
 The engine reads every byte of every member anyway; hashing them in a second
 pass would read them all again. Instead each block the engine reads (a view of
 the mapped file, or a ranged read into a buffer of a small ring) is handed, with
-its place in the file, to the hashing threads (hashlib releases the GIL), while
+its place in the file, to the hashing threads (both checksums release the GIL), while
 the engine goes on with the next block: mapped blocks in batches of a few MiB,
 whose pages are dropped once hashed. A file's checksum is fed in file order: bytes the engine never
 reads (headers, integer tensors a policy skips, keys left out) are read from
@@ -47,11 +47,21 @@ _GAP_CHUNK = 4 << 20
 """Bytes read at a time when filling a gap the engine did not read."""
 
 
-def checking_algorithm(source: TensorSource, path: str) -> str:
-    """The checksum to take of one backing file: the one its run recorded for verifying, else xxh3-128."""
+def _expected(source: TensorSource, path: str) -> Checksum | None:
+    """The checksum a run recorded for verifying one backing file of `source`, if any."""
     record = source.recorded.get(path)
-    checksum = record.checksum() if record is not None else None
-    return checksum.algorithm if checksum is not None else XXH3_128
+    return record.checksum() if record is not None else None
+
+
+def _hashers(source: TensorSource) -> dict[str, FileHasher]:
+    """A hasher for each local or stored backing file of `source`, by path: the checksum its
+    run recorded for verifying, else xxh3-128."""
+    hashers = {}
+    for path in source.files:
+        if path_isfile(path):
+            expected = _expected(source, path)
+            hashers[path] = FileHasher(path, expected.algorithm if expected is not None else XXH3_128)
+    return hashers
 
 
 class FileHasher:
@@ -150,14 +160,7 @@ class StreamHasher:
         self.members = list(members)
         count = threads or min(len(self.members), max(1, (os.cpu_count() or 1)))
         self._pool = ThreadPoolExecutor(max_workers=max(1, count), thread_name_prefix="ladle-hash")
-        self._hashers: list[dict[str, FileHasher]] = [
-            {
-                path: FileHasher(path, checking_algorithm(m.source, path))
-                for path in m.source.files
-                if path_isfile(path)
-            }
-            for m in self.members
-        ]
+        self._hashers = [_hashers(m.source) for m in self.members]
         self._spans: list[dict[str, tuple[str, int] | None]] = [{} for _ in self.members]
         self._ring = [torch.empty(block_bytes, dtype=torch.uint8) for _ in range(4 * max(1, count) + 2)]
         self._busy: list[Future[None] | None] = [None] * len(self._ring)
@@ -251,7 +254,7 @@ class StreamHasher:
             if not files:
                 continue
             read = {path: digests[(i, path)] for path in files}
-            mismatches.extend(Mismatch(member, path, *pair) for path, pair in _differing(member.source, read))
+            mismatches.extend(Mismatch(member, *found) for found in _differing(member.source, read))
             member.read_checksums = read
         return mismatches
 
@@ -320,14 +323,13 @@ def _run_batch(previous: Future[None] | None, batch: list[_Piece | _Release]) ->
         item.run()
 
 
-def _differing(source: TensorSource, read: dict[str, Checksum]) -> list[tuple[str, tuple[Checksum, ...]]]:
-    """The files of `source` whose checksum read differs from the one recorded: (path, (recorded, read))."""
+def _differing(source: TensorSource, read: dict[str, Checksum]) -> list[tuple[str, Checksum, Checksum]]:
+    """The files of `source` whose checksum read differs from the one recorded: (path, recorded, read)."""
     found = []
     for path, checksum in read.items():
-        record = source.recorded.get(path)
-        expected = record.checksum() if record is not None else None
+        expected = _expected(source, path)
         if expected is not None and expected != checksum:
-            found.append((path, (expected, checksum)))
+            found.append((path, expected, checksum))
     return found
 
 
@@ -337,8 +339,7 @@ class VerifiedReader:
 
     def __init__(self, source: TensorSource) -> None:
         self.source = source
-        files = [path for path in source.files if path_isfile(path)]
-        self._hashers = {path: FileHasher(path, checking_algorithm(source, path)) for path in files}
+        self._hashers = _hashers(source)
 
     def tensor(self, key: str) -> torch.Tensor:
         """`source.tensor(key)`, its bytes hashed when the reader knows where they lie."""
@@ -360,8 +361,8 @@ class VerifiedReader:
         """Hash the rest of each file; the checksums by path. Raises `CorruptCheckpoint` naming
         the first file whose bytes differ from the checksum its checkpoint recorded."""
         read = {path: hasher.finish() for path, hasher in self._hashers.items()}
-        for path, pair in _differing(self.source, read):
-            raise CorruptCheckpoint(Mismatch(None, path, *pair).message())
+        for found in _differing(self.source, read):
+            raise CorruptCheckpoint(Mismatch(None, *found).message())
         return read
 
     def close(self) -> None:
@@ -395,7 +396,6 @@ __all__ = [
     "Mismatch",
     "StreamHasher",
     "VerifiedReader",
-    "checking_algorithm",
     "corrupt_error",
     "drop_corrupt",
     "hash_members",

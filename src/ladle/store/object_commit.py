@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ladle.errors import ConfigError, RunError
 from ladle.store.checkpoint import CheckpointInfo, FileRecord, new_record
-from ladle.store.checksums import ALGORITHMS, new_digest
+from ladle.store.checksums import FileChecksums
 from ladle.store.failures import writing
 from ladle.store.layout import META_NAME
 from ladle.store.lock import _holder
@@ -82,17 +82,16 @@ class ObjectPendingCheckpoint:
         try:
             with writing(self.run.path, target):
                 writer(staged)
-                digests = {name: new_digest(name) for name in ALGORITHMS}
+                checksums = FileChecksums()
                 size = 0
                 with open(staged, "rb") as src, self.run.storage.open(target, "wb") as dst:
                     while chunk := src.read(_CHUNK):
-                        for digest in digests.values():
-                            digest.update(chunk)
+                        checksums.update(chunk)
                         dst.write(chunk)
                         size += len(chunk)
         finally:
             os.remove(staged)
-        self.files[filename] = FileRecord(size=size, **{n: d.hexdigest() for n, d in digests.items()})
+        self.files[filename] = FileRecord(size=size, **checksums.result())
 
     def commit(
         self,
