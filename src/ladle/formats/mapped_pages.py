@@ -1,7 +1,9 @@
-"""Dropping pages of a read-only file mapping from this process (`madvise(MADV_DONTNEED)`).
+"""Private mappings of local files (`map_private`, `map_file`), and dropping pages of them
+from this process (`madvise(MADV_DONTNEED)`).
 
-Readers that answer with views of a privately mapped file (torch's mapping of a pickle,
-ladle's of a safetensors file) hand the pages of what was read back to the kernel, so a
+Readers answer with views of a privately mapped file (torch's mapping of a pickle, ladle's
+of a safetensors file or of a resumed checkpoint's files): nothing is copied, and a tensor
+may view the bytes. They hand the pages of what was read back to the kernel, so a
 pass over a large file does not stay resident. The mappings are never written, so the
 pages stay in the page cache and a later read maps the same bytes again. Linux only; a
 no-op elsewhere.
@@ -11,11 +13,28 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import sys
 from typing import Any
 
 _MADV_DONTNEED = 4
 _LIBC: Any = None
+
+
+def map_private(fd: int) -> mmap.mmap:
+    """A private (copy-on-write) mapping of the whole open file `fd`: readable as a buffer without
+    copying it, writable so that tensors may view it; writes never reach the file. An empty file
+    gets one anonymous page (a mapping cannot be empty)."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return mmap.mmap(-1, 1)
+    return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE)
+
+
+def map_file(path: str) -> mmap.mmap:
+    """`map_private` of the local file at `path` (the mapping outlives the descriptor)."""
+    with open(path, "rb") as handle:
+        return map_private(handle.fileno())
 
 
 def inner_pages(address: int, nbytes: int) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ladle.errors import FormatError
 from ladle.formats.gc_pause import paused_gc
-from ladle.formats.mapped_pages import drop_pages, inner_pages
+from ladle.formats.mapped_pages import drop_pages, inner_pages, map_private
 from ladle.formats.safetensors_header import (
     DTYPE_OF,
     ITEMSIZE_OF,
@@ -141,7 +141,7 @@ class SafetensorsFile:
         if self._mapped is None and isinstance(self._reader, LocalRangedFile) and self._reader.size:
             import torch
 
-            self._map = mmap.mmap(self._reader.fileno(), 0, flags=mmap.MAP_PRIVATE)
+            self._map = map_private(self._reader.fileno())
             self._mapped = torch.frombuffer(self._map, dtype=torch.uint8)
         return self._mapped
 

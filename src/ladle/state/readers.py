@@ -26,11 +26,12 @@ from torch import nn
 
 from ladle.errors import CorruptCheckpoint, StateMismatch, first_line
 from ladle.formats.dcp_metadata import METADATA_NAME as DCP_METADATA
+from ladle.formats.mapped_pages import map_file
 from ladle.formats.safetensors_io import tensors_from_buffer
 from ladle.state.model_weights import ALIASES_KEY, STATE_FORMAT, check_model_fits, with_aliases
 from ladle.store.checkpoint import CheckpointInfo
 from ladle.store.checks import check_readable
-from ladle.store.checksums import checksum_mapped, map_file
+from ladle.store.checksums import checksum_mapped
 from ladle.store.paths import local_copy
 from ladle.store.storage import Storage
 

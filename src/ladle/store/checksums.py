@@ -1,4 +1,4 @@
-"""Checksums of checkpoint files, and private read-only mappings of local ones.
+"""Checksums of checkpoint files.
 
 The commit protocol records two checksums of every file (`FileRecord`):
 - sha256, the strong identity of its bytes: what provenance records and what other
@@ -16,13 +16,13 @@ libraries release the GIL while they hash.
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import xxhash
 
+from ladle.formats.mapped_pages import map_file
 from ladle.store.storage import Storage
 
 HASH_CHUNK = 8 << 20
@@ -102,13 +102,3 @@ def checksum_mapped(storage: Storage, path: str, algorithm: str) -> str:
     with map_file(local) as mapped:
         digest.update(mapped)
     return digest.hexdigest()
-
-
-def map_file(path: str) -> mmap.mmap:
-    """A private (copy-on-write) mapping of a local file: readable as a buffer without copying it,
-    writable so that tensors may view it; writes never reach the file."""
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        if size == 0:
-            return mmap.mmap(-1, 1)
-        return mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY)
