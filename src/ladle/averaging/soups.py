@@ -33,7 +33,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -211,35 +211,55 @@ def soup(
             "recalibrate= needs model= (--model module:factory): BatchNorm statistics are re-estimated "
             "by running the model"
         )
-    folder: str | None = None
+    job = _SoupJob(
+        run=the_run,
+        recipe=parsed,
+        options=options,
+        weights=weights,
+        search=search,
+        key=key,
+        format=format,
+        force=force,
+        into_run=into_run,
+        name=name,
+        skip_corrupt=skip_corrupt,
+        progress=progress,
+    )
     if is_folder_output(the_run, output) and is_url(os.fspath(output or "")):
         # A folder cannot be published in one request: it is built in a local folder, then
         # uploaded file by file, the weights last.
         url = os.fspath(output or "").rstrip("/")
         with staged_folder_upload(url, force=force, last=FOLDER_UPLOAD_LAST) as local:
-            result = soup(
-                the_run,
-                recipe,
-                output=local,
-                window=window,
-                weights=weights,
-                evaluate=evaluate,
-                model=model,
-                rank=rank,
-                recalibrate=recalibrate,
-                key=key,
-                dtype=dtype,
-                accumulate=accumulate,
-                int_policy=int_policy,
-                intersect=intersect,
-                format=format,
-                force=True,
-                skip_corrupt=skip_corrupt,
-                progress=progress,
-            )
+            result = _make_soup(replace(job, force=True), local)
         result.folder = url
         result.path = f"{url}/{os.path.basename(result.path)}" if result.path else None
         return result
+    return _make_soup(job, output)
+
+
+@dataclass(frozen=True)
+class _SoupJob:
+    """What `soup()` was asked for, checked and resolved: everything but where it goes."""
+
+    run: RunLike
+    recipe: Recipe
+    options: AverageOptions
+    weights: WeightsLike
+    search: _Search | None
+    key: str | None
+    format: str | None
+    force: bool
+    into_run: bool
+    name: str | None
+    skip_corrupt: bool
+    progress: Progress | None
+
+
+def _make_soup(job: _SoupJob, output: str | os.PathLike[str] | None) -> SoupResult:
+    """Choose the members, average them into `output` (a file, a local folder, or nothing for
+    a state dict in memory) and, for a folder, copy the newest member's model files beside it."""
+    the_run, format = job.run, job.format
+    folder: str | None = None
     if is_folder_output(the_run, output):
         assert output is not None
         output_format("model", format)
@@ -247,21 +267,22 @@ def soup(
         if os.path.lexists(folder) and not os.path.isdir(folder):
             raise OutputExists(f"{folder}: exists and is not a folder; name a folder for the soup")
         output = os.path.join(folder, folder_weights_name(format))
-    out = SoupOutput(path=output, format=format, force=force, into_run=into_run, name=name)
+    out = SoupOutput(path=output, format=format, force=job.force, into_run=job.into_run, name=job.name)
     if folder is None or os.path.isdir(folder):
         out.check()
-    parsed, chosen = select(the_run, parsed, key=key)
+    parsed, chosen = select(the_run, job.recipe, key=job.key)
     made_folder = folder is not None and not os.path.isdir(folder)
     if folder is not None:
         os.makedirs(folder, exist_ok=True)
-    members = _open(chosen, key)
+    members = _open(chosen, job.key)
+    search, options, weights, skip = job.search, job.options, job.weights, job.skip_corrupt
     try:
         if search is not None and isinstance(parsed.select, Greedy):
-            result = _greedy(the_run, parsed, chosen, members, options, out, search, skip_corrupt)
+            result = _greedy(the_run, parsed, chosen, members, options, out, search, skip)
         elif search is not None:
-            result = _scored(the_run, parsed, chosen, members, options, out, weights, search, skip_corrupt)
+            result = _scored(the_run, parsed, chosen, members, options, out, weights, search, skip)
         else:
-            result = _plain(the_run, parsed, chosen, members, options, out, weights, skip_corrupt, progress)
+            result = _plain(the_run, parsed, chosen, members, options, out, weights, skip, job.progress)
     except BaseException:
         if made_folder and folder is not None:
             with contextlib.suppress(OSError):
