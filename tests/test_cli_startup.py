@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from ladle import CheckpointManager
+from ladle.cli import plain_values
 from ladle.cli.app import load_command
 from ladle.cli.commands import COMMANDS
 from ladle.cli.main import main
-from ladle.cli.plain_values import plain_kind
+from ladle.cli.plain_values import plain_kind, typer_checked
 
 # Runs each command in turn in one interpreter and reports, after each, which heavy
 # libraries have been imported so far: one process start for all of them.
@@ -25,7 +26,9 @@ PROBE = textwrap.dedent(
     """
     import json, sys
     from ladle.cli.main import main
-    heavy = ("torch", "numpy", "safetensors", "pydantic")
+    from ladle.cli.plain_values import RuntimeParam
+    # With a typer the shortcut was not checked against, typer's own (pydantic) checks run.
+    heavy = ("torch", "numpy", "safetensors") + (("pydantic",) if RuntimeParam is not None else ())
     report = []
     for argv in json.loads(sys.argv[1]):
         code = main(argv)
@@ -128,3 +131,32 @@ def test_a_repeated_string_option_arrives_as_a_list() -> None:
     with command.make_context("inspect", ["x.pt", "--strip-prefix", "a.", "--strip-prefix", "b."]) as ctx:
         assert ctx.params["strip_prefix"] == ["a.", "b."] and type(ctx.params["strip_prefix"]) is list
         assert ctx.params["path"] == "x.pt" and ctx.params["key"] is None and ctx.params["trust"] is False
+
+
+@pytest.mark.parametrize(
+    ("version", "checked"),
+    [
+        ("0.29.2", True),
+        ("0.29.0", True),
+        ("0.30.0", False),
+        ("1.0", False),
+        ("", False),
+        ("0.29.dev1", True),
+        ("dev", False),
+    ],
+)
+def test_the_typer_shortcut_is_installed_only_for_typer_versions_it_was_checked_against(
+    version: str, checked: bool
+) -> None:
+    assert typer_checked(version) is checked
+
+
+def test_the_installed_typer_is_one_the_shortcut_was_checked_against() -> None:
+    import typer
+
+    if not typer_checked(typer.__version__):
+        pytest.skip(
+            f"typer {typer.__version__} is not in CHECKED_TYPER: ladle's commands start slower (pydantic); "
+            "check typer._coercion against cli/plain_values.py and add the version"
+        )
+    assert plain_values.RuntimeParam is not None

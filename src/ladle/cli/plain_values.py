@@ -5,8 +5,10 @@ importing pydantic costs about 0.1-0.2 s: more than the rest of `ladle ls`. Most
 ladle's parameters are strings, boolean flags and lists of strings, which click's parser
 already hands over as they must be; for those, `use_plain_values` installs a check that
 returns the value as it is and falls back to typer's own conversion for anything else
-(so an odd value behaves exactly as before, only slower). Typer versions without this
-machinery are left alone.
+(so an odd value behaves exactly as before, only slower). The machinery is typer's own,
+private (`typer._coercion`), so the shortcut is installed only for the typer versions it
+was checked against (`CHECKED_TYPER`); any other version is left alone: `ladle` starts a
+little slower there, but never depends on internals that may have changed.
 """
 
 from __future__ import annotations
@@ -15,12 +17,29 @@ from dataclasses import dataclass
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
 
+import typer
 from typer.core import TyperCommand
 
-try:  # typer >= 0.29: the coercion layer this module shortcuts
-    from typer._coercion import RuntimeParam, build_runtime_param
-except ImportError:  # pragma: no cover - older typer converts with click's own types
-    RuntimeParam = None  # type: ignore[assignment,misc]
+CHECKED_TYPER = ((0, 29),)
+"""(major, minor) versions of typer whose private coercion layer this module was checked against."""
+
+
+def typer_checked(version: str) -> bool:
+    """Whether typer `version` (e.g. "0.29.2") is one this module's shortcut was checked against."""
+    parts = version.split(".")[:2]
+    return (
+        len(parts) == 2
+        and all(p.isdigit() for p in parts)
+        and (int(parts[0]), int(parts[1])) in CHECKED_TYPER
+    )
+
+
+RuntimeParam: Any = None
+if typer_checked(getattr(typer, "__version__", "")):
+    try:  # typer >= 0.29: the coercion layer this module shortcuts
+        from typer._coercion import RuntimeParam, build_runtime_param
+    except ImportError:  # pragma: no cover - older typer converts with click's own types
+        RuntimeParam = None
 
 if RuntimeParam is not None:
 
