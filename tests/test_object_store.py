@@ -363,6 +363,120 @@ def test_report_draws_a_run_on_a_url(trained: str, tmp_path: Path) -> None:
     assert out.stat().st_size > 0
 
 
+# -- other tools' output folders where they live --------------------------------------------
+
+
+def put(url: str, data: bytes) -> None:
+    """Write a file at a path or URL, as the training tool would have."""
+    if "://" not in url or url.startswith("file://"):
+        path = Path(url.removeprefix("file://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return
+    with fsspec.open(url, "wb") as handle:
+        handle.write(data)
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors)
+
+
+@pytest.fixture
+def trainer_output(where: str) -> str:
+    """A transformers Trainer output_dir at `<where>/hf-out`: checkpoint-10, -20 and -30 whose
+    weights are all 10, 20, 30 and whose eval_loss is best at step 20; beside them the final
+    model save_model() writes, which is not a checkpoint."""
+    root = f"{where}/hf-out"
+    for step in (10, 20, 30):
+        folder = f"{root}/checkpoint-{step}"
+        put(f"{folder}/model.safetensors", safetensors_bytes({"w": torch.full((4,), float(step))}))
+        history = [{"step": step, "loss": 0.5}, {"step": step, "eval_loss": abs(step - 20) + 1.0}]
+        put(
+            f"{folder}/trainer_state.json",
+            json.dumps({"global_step": step, "epoch": step / 10, "log_history": history}).encode(),
+        )
+        put(f"{folder}/config.json", b'{"model_type": "tiny"}')
+        put(f"{folder}/optimizer.pt", b"training state, not for the soup")
+    put(f"{root}/model.safetensors", safetensors_bytes({"w": torch.full((4,), 99.0)}))
+    return root
+
+
+def test_a_trainer_output_folder_is_listed_with_its_metrics_where_it_lives(
+    trainer_output: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli(["ls", trainer_output, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["tool"] == "transformers"
+    assert [(c["step"], c["metrics"]["eval_loss"]) for c in listed["checkpoints"]] == [
+        (10, 11.0),
+        (20, 1.0),
+        (30, 11.0),
+    ]
+
+
+def test_a_soup_of_a_trainer_output_folder_is_a_from_pretrained_folder(
+    trainer_output: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "soup"
+    assert cli(["soup", trainer_output, "--recipe", "top:2:eval_loss:min", "-o", str(out)]) == 0
+    assert load_file(out / "model.safetensors")["w"].tolist() == [15.0] * 4  # steps 10 and 20 (tie: older)
+    assert (out / "config.json").read_bytes() == b'{"model_type": "tiny"}'
+    assert not (out / "optimizer.pt").exists()
+
+
+def test_avg_of_a_trainer_output_folder_takes_its_checkpoints_not_the_final_model(
+    trainer_output: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "avg.safetensors"
+    assert cli(["avg", trainer_output, "-o", str(out)]) == 0
+    assert load_file(out)["w"].tolist() == [20.0] * 4
+
+
+def test_verify_checks_that_a_trainer_output_folders_weights_parse(
+    trainer_output: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    put(f"{trainer_output}/checkpoint-30/model.safetensors", b"not safetensors")
+    assert cli(["verify", trainer_output]) == 1
+    out = capsys.readouterr().out
+    assert "checkpoint-10" in out and "checkpoint-30" in out and "no checksums" in out
+
+
+def test_a_timm_output_folder_is_souped_with_its_summary_metrics_where_it_lives(
+    where: str, tmp_path: Path
+) -> None:
+    root = f"{where}/timm-out"
+    for epoch in (1, 2, 3):
+        buffer = io.BytesIO()
+        torch.save({"state_dict": {"w": torch.full((2,), float(epoch))}, "epoch": epoch}, buffer)
+        put(f"{root}/checkpoint-{epoch}.pth.tar", buffer.getvalue())
+    put(f"{root}/summary.csv", b"epoch,train_loss,eval_top1\n1,0.9,70\n2,0.8,80\n3,0.7,75\n")
+    result = ladle.soup(root, "top:2:eval_top1:max", output=str(tmp_path / "soup.safetensors"))
+    assert [m.step for m in result.members] == [2, 3]
+    assert load_file(tmp_path / "soup.safetensors")["w"].tolist() == [2.5, 2.5]
+
+
+def test_a_lightning_folder_on_a_store_is_refused_with_one_line(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 5, "epoch": 0}, buffer)
+    put(f"{store}/lightning/epoch=0-step=5.ckpt", buffer.getvalue())
+    assert cli(["ls", f"{store}/lightning"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "lightning output folder on a store" in err and "local disk" in err
+
+
+def test_a_folder_that_is_not_a_run_is_refused_wherever_it_lives(
+    where: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    put(f"{where}/notes/readme.txt", b"not a run")
+    assert cli(["ls", f"{where}/notes"]) == 2
+    assert "not a ladle run" in capsys.readouterr().err
+
+
 # -- outputs to URLs ----------------------------------------------------------------------
 
 

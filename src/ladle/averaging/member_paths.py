@@ -24,14 +24,14 @@ from ladle.errors import CheckpointNotFound
 from ladle.formats.dcp_metadata import is_dcp_dir
 from ladle.formats.load import HF_WEIGHT_FILES
 from ladle.formats.torch_io import is_torch_file
-from ladle.store.foreign_runs import foreign_tool
+from ladle.store.foreign_runs import TRANSFORMERS, foreign_tool
 from ladle.store.layout import META_NAME
 from ladle.store.paths import locate, path_isdir, path_isfile, path_kind
 from ladle.store.refs import find_checkpoint, is_run_dir
 from ladle.store.run import Run
 from ladle.store.storage import is_url, local_path_of
 from ladle.store.timm_dirs import TIMM, timm_checkpoints
-from ladle.store.trainer_dirs import is_trainer_output, trainer_checkpoints
+from ladle.store.trainer_dirs import trainer_checkpoints
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -90,14 +90,15 @@ def _expand_existing(path: str) -> list[tuple[str, str | None]]:
         if not checkpoints:
             raise CheckpointNotFound(f"{path}: the run has no committed training checkpoints")
         return [(c.path, None) for c in checkpoints]
-    if is_url(path):
-        return _expand_store_folder(path)
-    if is_trainer_output(path):
+    tool = foreign_tool(path)
+    if tool == TRANSFORMERS:
         # Its checkpoint-<step>/ folders, not the final model save_model() may have put beside them.
         return [(c.path, None) for c in trainer_checkpoints(path)]
-    if foreign_tool(path) == TIMM:
+    if tool == TIMM:
         # Its checkpoint-<epoch>.pth.tar files, not last/model_best (copies of one of them).
         return [(c.path, None) for c in timm_checkpoints(path)]
+    if is_url(path):
+        return _expand_store_folder(path)
     if any(os.path.isfile(os.path.join(path, f)) for f in HF_WEIGHT_FILES) or is_dcp_dir(path):
         return [(path, None)]
     files = sorted(

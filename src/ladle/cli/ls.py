@@ -20,8 +20,10 @@ from ladle.metrics import parse_mode
 from ladle.store.checkpoint import CheckpointInfo
 from ladle.store.layout import HISTORY_NAME, META_NAME
 from ladle.store.lock import LOCK_NAME
+from ladle.store.paths import locate
 from ladle.store.refs import is_run_dir
 from ladle.store.run import Run
+from ladle.store.storage import is_url, storage_for
 
 EXAMPLE = examples(
     "ladle ls runs/exp1",
@@ -71,25 +73,27 @@ def open_run(path: str) -> Run:
     Output folders of other tools (transformers Trainer, Lightning, timm) are
     recognised in `not_a_run_message` below; listing them is `ladle.store.foreign_runs`'s job.
     """
-    if "://" not in path:
-        local = os.path.abspath(path)
-        if os.path.isfile(os.path.join(local, META_NAME)):
-            fail(
-                f"{local}: is one checkpoint, not a run; list its run with "
-                f"`ladle ls {os.path.dirname(local)}` or look inside with `ladle inspect {path}`"
-            )
-        if os.path.isdir(local) and not _has_run_files(local):
-            fail(not_a_run_message(local))
+    storage, folder = storage_for(path)
+    if storage.isfile(storage.join(folder, META_NAME)):
+        parent = folder.rstrip("/").rsplit("/", 1)[0] if is_url(folder) else os.path.dirname(folder)
+        fail(
+            f"{folder}: is one checkpoint, not a run; list its run with "
+            f"`ladle ls {parent}` or look inside with `ladle inspect {path}`"
+        )
+    if storage.isdir(folder) and not _has_run_files(folder):
+        fail(not_a_run_message(folder))
     return Run(path)
 
 
 def _has_run_files(path: str) -> bool:
     # A writer that has not committed yet leaves its lock or history: a run with no checkpoints.
-    return is_run_dir(path) or any(os.path.exists(os.path.join(path, n)) for n in (LOCK_NAME, HISTORY_NAME))
+    storage, where = locate(path)
+    return is_run_dir(path) or any(storage.exists(storage.join(where, n)) for n in (LOCK_NAME, HISTORY_NAME))
 
 
 def not_a_run_message(path: str) -> str:
-    """Why `path` (an existing local folder) is not a ladle run, and what to run instead."""
+    """Why `path` (an existing folder, local or on a store) is not a ladle run, and what to run
+    instead."""
     from ladle.store.foreign_runs import foreign_tool
 
     tool = foreign_tool(path)
@@ -137,7 +141,7 @@ def ls_command(
     """
     if mode is not None and best_by is None:
         fail("--mode needs --best-by METRIC (the run's own monitor already has a direction)")
-    if "://" not in run_path and _list_foreign(run_path, best_by, mode, metrics, as_json):
+    if _list_foreign(run_path, best_by, mode, metrics, as_json):
         return
     run = open_run(run_path)
     if best_by is not None:
@@ -167,10 +171,10 @@ def _list_foreign(
     from ladle.store.checkpoint import best_of
     from ladle.store.foreign_runs import ForeignRun, foreign_tool
 
-    local = os.path.abspath(path)
-    if _has_run_files(local) or foreign_tool(local) is None:
+    _, where = storage_for(path)
+    if _has_run_files(where) or foreign_tool(where) is None:
         return False
-    run = ForeignRun(local)
+    run = ForeignRun(where)
     checkpoints = run.checkpoints()
     monitor = {"metric": best_by, "mode": mode or "min"} if best_by else run.monitor
     best = None

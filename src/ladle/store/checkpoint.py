@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from ladle._version import __version__
 from ladle.metrics import Mode, encode_metrics, is_finite_number, sort_key
 from ladle.store.checksums import SHA256, XXH3_128, Checksum
 from ladle.store.layout import META_NAME, is_plain_file_name
+from ladle.store.paths import path_size
 
 log = logging.getLogger("ladle")
 
@@ -272,5 +272,6 @@ def new_record(
 
 
 def size_records(paths: list[str]) -> dict[str, FileRecord]:
-    """Records of another tool's checkpoint files, which carry no checksums: sizes only, sha256 empty."""
-    return {os.path.basename(p): FileRecord(size=os.path.getsize(p), sha256="") for p in paths}
+    """Records of another tool's checkpoint files (paths or URLs), which carry no checksums: sizes
+    only, sha256 empty."""
+    return {p.rstrip("/").rsplit("/", 1)[-1]: FileRecord(size=path_size(p), sha256="") for p in paths}

@@ -29,14 +29,18 @@ from dataclasses import dataclass, replace
 from ladle.errors import FormatError, LadleError, RunNotFound
 from ladle.store.checkpoint import CheckpointInfo, size_records
 from ladle.store.lightning_dirs import LIGHTNING, lightning_checkpoints, lightning_folder
+from ladle.store.paths import locate
+from ladle.store.storage import is_url, storage_for
 from ladle.store.timm_dirs import TIMM, is_timm_folder, timm_checkpoints
-from ladle.store.trainer_dirs import is_trainer_output, trainer_checkpoints
+from ladle.store.trainer_dirs import holds_trainer_checkpoints, trainer_checkpoints
 
 log = logging.getLogger("ladle")
 
 TRANSFORMERS = "transformers"
 DCP = "dcp"
 DCP_METADATA = ".metadata"
+ON_STORES = frozenset({TRANSFORMERS, TIMM})
+"""The tools whose output folders are read in place on a store (s3://, gs://, ...)."""
 
 
 def foreign_tool(path: str | os.PathLike[str]) -> str | None:
@@ -44,21 +48,21 @@ def foreign_tool(path: str | os.PathLike[str]) -> str | None:
 
     Callers ask `ladle.store.refs.is_run_dir` first: a ladle run is never foreign.
     """
-    text = os.fspath(path)
-    if not os.path.isdir(text):
-        return None
-    if is_trainer_output(text):
-        return TRANSFORMERS
     try:
-        names = os.listdir(text)
+        storage, where = locate(path)
+        if not storage.isdir(where):
+            return None
+        names = storage.listdir(where)
+        if holds_trainer_checkpoints(storage, where, names):
+            return TRANSFORMERS
+        if is_timm_folder(names):
+            return TIMM
+        if lightning_folder(where) is not None:
+            return LIGHTNING
+        if _dcp_folders(where):
+            return DCP
     except OSError:
         return None
-    if is_timm_folder(names):
-        return TIMM
-    if lightning_folder(text) is not None:
-        return LIGHTNING
-    if _dcp_folders(text):
-        return DCP
     return None
 
 
@@ -66,14 +70,16 @@ def foreign_tool(path: str | os.PathLike[str]) -> str | None:
 
 
 def _dcp_folders(path: str) -> list[str]:
-    """`path` itself when it is a DCP folder (`.metadata` beside `*.distcp`), else its DCP subfolders."""
-    if os.path.isfile(os.path.join(path, DCP_METADATA)):
-        return [path]
+    """`path` itself when it is a DCP folder (`.metadata` beside `*.distcp`), else its DCP subfolders
+    (a path or URL)."""
+    storage, where = locate(path)
+    if storage.isfile(storage.join(where, DCP_METADATA)):
+        return [where]
     try:
-        inside = [os.path.join(path, n) for n in os.listdir(path)]
+        inside = [storage.join(where, n) for n in storage.listdir(where)]
     except OSError:
         return []
-    return [f for f in inside if os.path.isfile(os.path.join(f, DCP_METADATA))]
+    return [f for f in inside if storage.isfile(storage.join(f, DCP_METADATA))]
 
 
 def dcp_checkpoints(path: str) -> list[CheckpointInfo]:
@@ -114,14 +120,21 @@ class ForeignRun:
     """
 
     def __init__(self, path: str | os.PathLike[str], tool: str | None = None) -> None:
-        self.path = os.path.abspath(os.fspath(path))
-        if not os.path.isdir(self.path):
+        storage, self.path = storage_for(path)
+        if not storage.isdir(self.path):
             raise RunNotFound(f"{self.path}: no such directory; pass the training tool's output folder")
         found = tool or foreign_tool(self.path)
         if found is None:
             raise FormatError(
                 f"{self.path}: not an output folder of transformers, Lightning or timm "
                 "(no checkpoint-<step>/, *.ckpt or checkpoint-<epoch>.pth.tar); pass a ladle run"
+            )
+        if is_url(self.path) and found not in ON_STORES:
+            # Lightning's steps and scores are inside each .ckpt (listing would download every
+            # checkpoint whole); DCP folders are read with torch's local file reader.
+            raise FormatError(
+                f"{self.path}: a {found} output folder on a store; ladle reads {found} folders on a "
+                "local disk only: copy it to one (e.g. `aws s3 sync`) and pass the copy"
             )
         self.tool = found
         self._monitor: dict[str, str] | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import IO, Any
 
 from ladle.errors import StorageError
@@ -133,6 +134,25 @@ class FsspecStorage:
         with self.guard(path):
             self._fresh(path)
             return int(self.fs.size(path))
+
+    def mtime(self, path: str) -> float:
+        """When the object was last written (seconds since the epoch); 0.0 when the store does not
+        say (the time only orders checkpoints that share a step)."""
+        with self.guard(path):
+            self._fresh(path)
+            info = self.fs.info(path)
+        for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+            value = info.get(key)
+            if isinstance(value, datetime):
+                return value.timestamp()
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+                except ValueError:
+                    continue
+        return 0.0
 
     def stat(self, path: str) -> tuple[int, str]:
         """Size and a version tag (ETag, or modification time) of an object, in one request."""

@@ -19,6 +19,7 @@ from typing import Any
 
 from ladle.metrics import is_finite_number
 from ladle.store.checkpoint import CheckpointInfo, size_records
+from ladle.store.paths import locate
 
 log = logging.getLogger("ladle")
 
@@ -32,10 +33,12 @@ _NOT_METRICS = frozenset({"epoch", "step", "lr"})
 
 
 def lightning_folder(path: str) -> str | None:
-    """The folder holding a Lightning run's `.ckpt` files: `path` or its `checkpoints/`."""
-    for folder in (path, os.path.join(path, "checkpoints")):
+    """The folder holding a Lightning run's `.ckpt` files: `path` or its `checkpoints/` (a path or
+    URL)."""
+    storage, where = locate(path)
+    for folder in (where, storage.join(where, "checkpoints")):
         try:
-            if any(n.endswith(_LIGHTNING_SUFFIX) for n in os.listdir(folder)):
+            if any(n.endswith(_LIGHTNING_SUFFIX) for n in storage.listdir(folder)):
                 return folder
         except OSError:
             continue

@@ -9,11 +9,12 @@ epoch. Read without timm; `ladle.store.foreign_runs` presents the folder as a ru
 from __future__ import annotations
 
 import csv
+import io
 import logging
-import os
 import re
 
 from ladle.store.checkpoint import CheckpointInfo, size_records
+from ladle.store.paths import locate
 
 log = logging.getLogger("ladle")
 
@@ -31,25 +32,27 @@ def is_timm_folder(names: list[str]) -> bool:
 
 
 def read_timm_summary(folder: str) -> dict[int, dict[str, float]]:
-    """Metrics by epoch from timm's `summary.csv` (`epoch,train_loss,eval_loss,eval_top1,...`)."""
-    path = os.path.join(folder, TIMM_SUMMARY)
+    """Metrics by epoch from timm's `summary.csv` (`epoch,train_loss,eval_loss,eval_top1,...`) of a
+    folder (path or URL)."""
+    storage, where = locate(folder)
+    path = storage.join(where, TIMM_SUMMARY)
     rows: dict[int, dict[str, float]] = {}
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            for row in csv.DictReader(handle):
-                try:
-                    epoch = int(float(row.get("epoch", "")))
-                except ValueError:
+        text = storage.read_bytes(path).decode("utf-8")
+        for row in csv.DictReader(io.StringIO(text, newline="")):
+            try:
+                epoch = int(float(row.get("epoch", "")))
+            except ValueError:
+                continue
+            metrics = {}
+            for key, value in row.items():
+                if key is None or key in _NOT_METRICS:
                     continue
-                metrics = {}
-                for key, value in row.items():
-                    if key is None or key in _NOT_METRICS:
-                        continue
-                    try:
-                        metrics[key] = float(value)
-                    except (TypeError, ValueError):
-                        continue
-                rows[epoch] = metrics
+                try:
+                    metrics[key] = float(value)
+                except (TypeError, ValueError):
+                    continue
+            rows[epoch] = metrics
     except FileNotFoundError:
         return {}
     except (OSError, csv.Error, UnicodeDecodeError) as exc:
@@ -58,8 +61,10 @@ def read_timm_summary(folder: str) -> dict[int, dict[str, float]]:
 
 
 def timm_checkpoints(folder: str) -> list[CheckpointInfo]:
-    """timm's `checkpoint-<epoch>.pth.tar` files, oldest first, with `summary.csv` metrics."""
-    names = os.listdir(folder)
+    """timm's `checkpoint-<epoch>.pth.tar` files of a folder (path or URL), oldest first, with
+    `summary.csv` metrics."""
+    storage, where = locate(folder)
+    names = storage.listdir(where)
     numbered = [(int(m.group(1)), n) for n in names if (m := _TIMM_RE.match(n))]
     if not numbered:
         # `--checkpoint-hist 0` keeps no numbered files: the newest is `last.pth.tar`.
@@ -67,7 +72,7 @@ def timm_checkpoints(folder: str) -> list[CheckpointInfo]:
     summary = read_timm_summary(folder)
     found = []
     for epoch, name in sorted(numbered):
-        path = os.path.join(folder, name)
+        path = storage.join(where, name)
         if epoch < 0:
             epoch = max(summary, default=0)
         found.append(
@@ -76,7 +81,7 @@ def timm_checkpoints(folder: str) -> list[CheckpointInfo]:
                 path=path,
                 step=epoch,
                 epoch=epoch,
-                time=os.path.getmtime(path),
+                time=storage.mtime(path),
                 metrics=dict(summary.get(epoch, {})),
                 files=size_records([path]),
                 kind="train",

@@ -28,6 +28,8 @@ from typing import Any
 from ladle.errors import FormatError, RunNotFound
 from ladle.metrics import is_finite_number
 from ladle.store.checkpoint import CheckpointInfo, FileRecord
+from ladle.store.paths import locate
+from ladle.store.storage import Storage, storage_for
 
 log = logging.getLogger("ladle")
 
@@ -65,11 +67,12 @@ def checkpoint_step(name: str) -> int | None:
 
 
 def read_trainer_state(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The parsed `trainer_state.json` of a checkpoint folder; None when absent or unreadable."""
-    path = os.path.join(os.fspath(folder), TRAINER_STATE)
+    """The parsed `trainer_state.json` of a checkpoint folder (path or URL); None when absent or
+    unreadable."""
+    storage, where = locate(folder)
+    path = storage.join(where, TRAINER_STATE)
     try:
-        with open(path, encoding="utf-8") as handle:
-            state = json.load(handle)
+        state = json.loads(storage.read_bytes(path).decode("utf-8"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -102,54 +105,66 @@ def epoch_index(epoch: Any) -> int | None:
 
 
 def is_trainer_output(path: str | os.PathLike[str]) -> bool:
-    """True for a folder holding Trainer `checkpoint-<step>/` folders with a `trainer_state.json`."""
-    text = os.fspath(path)
-    if not os.path.isdir(text):
-        return False
+    """True for a folder (path or URL) holding Trainer `checkpoint-<step>/` folders with a
+    `trainer_state.json`."""
     try:
-        names = os.listdir(text)
+        storage, where = locate(path)
+        return storage.isdir(where) and holds_trainer_checkpoints(storage, where, storage.listdir(where))
     except OSError:
         return False
+
+
+def holds_trainer_checkpoints(storage: Storage, folder: str, names: list[str]) -> bool:
+    """Whether the folder listing `names` holds a `checkpoint-<step>/` with a `trainer_state.json`."""
     return any(
-        checkpoint_step(name) is not None and os.path.isfile(os.path.join(text, name, TRAINER_STATE))
+        checkpoint_step(name) is not None and storage.isfile(storage.join(folder, name, TRAINER_STATE))
         for name in names
     )
 
 
 def has_weights(folder: str | os.PathLike[str]) -> bool:
-    """Whether a folder holds model weights under one of transformers' file names."""
-    return any(WEIGHT_FILE_RE.match(name) for name in os.listdir(os.fspath(folder)))
+    """Whether a folder (path or URL) holds model weights under one of transformers' file names."""
+    storage, where = locate(folder)
+    return any(WEIGHT_FILE_RE.match(name) for name in storage.listdir(where))
 
 
-def _sizes(folder: str) -> dict[str, FileRecord]:
-    """Sizes of a checkpoint folder's files; the Trainer records no checksums (sha256 is empty)."""
-    files = {}
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            files[name] = FileRecord(size=os.path.getsize(path), sha256="")
-    return files
+def _checkpoint_files(storage: Storage, root: str) -> dict[str, dict[str, FileRecord]]:
+    """The files directly inside each `checkpoint-<step>/` folder of `root`, with their sizes (one
+    listing of the whole folder, which on a store is one request). The Trainer records no
+    checksums, so sha256 is empty."""
+    found: dict[str, dict[str, FileRecord]] = {}
+    for relative, size in storage.file_sizes(root).items():
+        folder, _, name = relative.replace(os.sep, "/").partition("/")
+        if checkpoint_step(folder) is None or not name or "/" in name:
+            continue
+        found.setdefault(folder, {})[name] = FileRecord(size=size, sha256="")
+    return found
 
 
 def trainer_checkpoints(output_dir: str | os.PathLike[str]) -> list[CheckpointInfo]:
-    """The checkpoints of a Trainer output directory, oldest first, with the metrics of their step.
+    """The checkpoints of a Trainer output directory (path or URL), oldest first, with the
+    metrics of their step.
 
     Metrics come from each checkpoint's own `trainer_state.json` (the Trainer
     evaluates before it saves, so an evaluation at a checkpoint's step is in its
     log). Folders without weights or without a readable state are skipped with
     a warning: the Trainer may have been interrupted while writing them.
     """
-    root = os.path.abspath(os.fspath(output_dir))
-    if not os.path.isdir(root):
+    storage, root = storage_for(output_dir)
+    if not storage.isdir(root):
         raise RunNotFound(f"{root}: no such directory; pass the Trainer's output_dir")
+    listed = _checkpoint_files(storage, root)
+    for name in storage.listdir(root):
+        folder = storage.join(root, name)
+        if checkpoint_step(name) is not None and name not in listed and storage.isdir(folder):
+            listed[name] = {}  # an empty folder (a save that had just begun): warned about below
     found: list[CheckpointInfo] = []
-    for name in os.listdir(root):
+    for name, files in sorted(listed.items()):
         named_step = checkpoint_step(name)
-        folder = os.path.join(root, name)
-        if named_step is None or not os.path.isdir(folder):
-            continue
-        state = read_trainer_state(folder)
-        if state is None or not has_weights(folder):
+        assert named_step is not None
+        folder = storage.join(root, name)
+        state = read_trainer_state(folder) if TRAINER_STATE in files else None
+        if state is None or not any(WEIGHT_FILE_RE.match(n) for n in files):
             log.warning("%s: no %s or no model weights; skipped (an unfinished save?)", folder, TRAINER_STATE)
             continue
         step = state.get("global_step", named_step)
@@ -160,9 +175,9 @@ def trainer_checkpoints(output_dir: str | os.PathLike[str]) -> list[CheckpointIn
                 path=folder,
                 step=step,
                 epoch=epoch_index(state.get("epoch")),
-                time=os.path.getmtime(os.path.join(folder, TRAINER_STATE)),
+                time=storage.mtime(storage.join(folder, TRAINER_STATE)),
                 metrics=metrics_at(state.get("log_history") or [], step),
-                files=_sizes(folder),
+                files=files,
                 kind="train",
                 extra={"epoch_float": state.get("epoch"), "framework": "transformers"},
             )
@@ -185,15 +200,20 @@ def is_model_file(name: str) -> bool:
 
 def copy_model_files(source: str | os.PathLike[str], destination: str | os.PathLike[str]) -> list[str]:
     """Copy config, generation config, tokenizer and processor files (everything but weights and
-    training state) from a checkpoint folder into `destination`; returns the names copied."""
-    src, dst = os.fspath(source), os.fspath(destination)
+    training state) from a checkpoint folder (path or URL) into the local folder `destination`;
+    returns the names copied."""
+    storage, src = locate(source)
+    dst = os.fspath(destination)
     os.makedirs(dst, exist_ok=True)
     copied = []
-    for name in sorted(os.listdir(src)):
-        path = os.path.join(src, name)
-        if os.path.isfile(path) and is_model_file(name):
-            shutil.copyfile(path, os.path.join(dst, name))
-            copied.append(name)
+    names = [n for n in storage.file_sizes(src) if "/" not in n.replace(os.sep, "/")]
+    for name in names:
+        if not is_model_file(name):
+            continue
+        target = os.path.join(dst, name)
+        with storage.open(storage.join(src, name), "rb") as read, open(target, "wb") as write:
+            shutil.copyfileobj(read, write, 1 << 20)
+        copied.append(name)
     if "config.json" not in copied:
         log.warning("%s has no config.json: from_pretrained cannot load %s without one", src, dst)
     return copied
@@ -208,6 +228,7 @@ __all__ = [
     "copy_model_files",
     "epoch_index",
     "has_weights",
+    "holds_trainer_checkpoints",
     "is_model_file",
     "is_trainer_output",
     "metrics_at",

@@ -20,6 +20,7 @@ from ladle.errors import CheckpointNotFound, NotARunDirectory
 from ladle.store.checkpoint import CheckpointInfo, load_meta
 from ladle.store.checks import vanished, verify_checkpoint
 from ladle.store.layout import INDEX_NAME, META_NAME
+from ladle.store.paths import locate
 from ladle.store.run import Run
 from ladle.store.storage import storage_for
 
@@ -287,13 +288,13 @@ def _foreign_run(path: str | os.PathLike[str]) -> Any:
     """A Trainer, Lightning or timm output folder that is not a ladle run, else None."""
     from ladle.store.foreign_runs import ForeignRun, foreign_tool
 
-    text = os.fspath(path)
-    if "://" in text or not os.path.isdir(text) or os.path.isfile(os.path.join(text, META_NAME)):
-        return None
-    if os.path.isfile(os.path.join(text, INDEX_NAME)) or foreign_tool(text) is None:
-        return None
+    storage, text = locate(path)
     try:
-        if any(os.path.isfile(os.path.join(text, n, META_NAME)) for n in os.listdir(text)):
+        if not storage.isdir(text) or storage.isfile(storage.join(text, META_NAME)):
+            return None
+        if storage.isfile(storage.join(text, INDEX_NAME)) or foreign_tool(text) is None:
+            return None
+        if any(storage.isfile(storage.join(text, n, META_NAME)) for n in storage.listdir(text)):
             return None  # a ladle run (a Trainer folder recorded in place by LadleCallback)
     except OSError:
         return None
