@@ -469,12 +469,19 @@ def test_a_lightning_folder_on_a_store_is_refused_with_one_line(
     assert "lightning output folder on a store" in err and "local disk" in err
 
 
+@pytest.mark.parametrize(
+    "command", [["ls"], ["soup", "--recipe", "last:1", "-o", "OUT.safetensors"], ["report", "-o", "OUT.png"]]
+)
 def test_a_folder_that_is_not_a_run_is_refused_wherever_it_lives(
-    where: str, capsys: pytest.CaptureFixture[str]
+    where: str, command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # Opened as a run, it read as one with no checkpoints ("selects none of the 0 checkpoints").
     put(f"{where}/notes/readme.txt", b"not a run")
-    assert cli(["ls", f"{where}/notes"]) == 2
-    assert "not a ladle run" in capsys.readouterr().err
+    argv = [command[0], f"{where}/notes", *(a.replace("OUT", str(tmp_path / "out")) for a in command[1:])]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "not a ladle run" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("out*"))
 
 
 # -- outputs to URLs ----------------------------------------------------------------------

@@ -22,7 +22,7 @@ from ladle.errors import EmptySelection
 from ladle.formats.load import ladle_weights_file
 from ladle.store.checkpoint import CheckpointInfo
 from ladle.store.foreign_runs import ForeignRun, foreign_tool
-from ladle.store.refs import is_run_dir
+from ladle.store.refs import is_run_dir, open_run_to_read
 from ladle.store.run import Run
 
 log = logging.getLogger("ladle")
@@ -38,7 +38,7 @@ def open_run(run: Run | ForeignRun | str | os.PathLike[str]) -> RunLike:
     text = os.fspath(run)
     if not is_run_dir(text) and (tool := foreign_tool(text)) is not None:
         return ForeignRun(text, tool)
-    return Run(run)
+    return open_run_to_read(run)
 
 
 def candidates(run: RunLike, key: str | None) -> list[CheckpointInfo]:

@@ -18,10 +18,8 @@ from ladle.cli.display import box_table, examples, human_bytes, local_time, numb
 from ladle.errors import ConfigError
 from ladle.metrics import parse_mode
 from ladle.store.checkpoint import CheckpointInfo
-from ladle.store.layout import HISTORY_NAME, META_NAME
-from ladle.store.lock import LOCK_NAME
-from ladle.store.paths import locate
-from ladle.store.refs import is_run_dir
+from ladle.store.layout import META_NAME
+from ladle.store.refs import has_run_files, open_run_to_read
 from ladle.store.run import Run
 from ladle.store.storage import is_url, storage_for
 
@@ -71,7 +69,7 @@ def open_run(path: str) -> Run:
     """The run at `path`, or a one-line refusal saying what `path` is instead.
 
     Output folders of other tools (transformers Trainer, Lightning, timm) are
-    recognised in `not_a_run_message` below; listing them is `ladle.store.foreign_runs`'s job.
+    recognised in `not_a_run_message`; listing them is `ladle.store.foreign_runs`'s job.
     """
     storage, folder = storage_for(path)
     if storage.isfile(storage.join(folder, META_NAME)):
@@ -80,32 +78,7 @@ def open_run(path: str) -> Run:
             f"{folder}: is one checkpoint, not a run; list its run with "
             f"`ladle ls {parent}` or look inside with `ladle inspect {path}`"
         )
-    if storage.isdir(folder) and not _has_run_files(folder):
-        fail(not_a_run_message(folder))
-    return Run(path)
-
-
-def _has_run_files(path: str) -> bool:
-    # A writer that has not committed yet leaves its lock or history: a run with no checkpoints.
-    storage, where = locate(path)
-    return is_run_dir(path) or any(storage.exists(storage.join(where, n)) for n in (LOCK_NAME, HISTORY_NAME))
-
-
-def not_a_run_message(path: str) -> str:
-    """Why `path` (an existing folder, local or on a store) is not a ladle run, and what to run
-    instead."""
-    from ladle.store.foreign_runs import foreign_tool
-
-    tool = foreign_tool(path)
-    if tool is not None:
-        return (
-            f"{path}: a {tool} output folder, not a ladle run; average it with `ladle soup {path}` "
-            f"or look at one checkpoint with `ladle inspect`"
-        )
-    return (
-        f"{path}: not a ladle run (no ladle.json and no checkpoint folder with a meta.json); "
-        "pass the folder a CheckpointManager writes to"
-    )
+    return open_run_to_read(path)
 
 
 @app.command("ls", epilog=EXAMPLE)
@@ -172,7 +145,7 @@ def _list_foreign(
     from ladle.store.foreign_runs import ForeignRun, foreign_tool
 
     _, where = storage_for(path)
-    if _has_run_files(where) or foreign_tool(where) is None:
+    if has_run_files(where) or foreign_tool(where) is None:
         return False
     run = ForeignRun(where)
     checkpoints = run.checkpoints()

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import os
 
-from ladle.errors import CheckpointNotFound
+from ladle.errors import CheckpointNotFound, NotARunDirectory
 from ladle.store.checkpoint import CheckpointInfo
-from ladle.store.layout import INDEX_NAME, META_NAME, RESERVED_NAMES
+from ladle.store.layout import HISTORY_NAME, INDEX_NAME, META_NAME, RESERVED_NAMES
+from ladle.store.lock import LOCK_NAME
 from ladle.store.run import Run
 from ladle.store.storage import storage_for
 
@@ -72,6 +73,45 @@ def is_run_dir(path: str | os.PathLike[str]) -> bool:
         )
     except OSError:
         return False
+
+
+def has_run_files(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` holds a ladle run: an index, committed checkpoints, or the lock or history
+    that a writer which has not committed yet leaves (a run with no checkpoints yet)."""
+    if is_run_dir(path):
+        return True
+    try:
+        storage, where = storage_for(path)
+        return any(storage.exists(storage.join(where, name)) for name in (LOCK_NAME, HISTORY_NAME))
+    except OSError:
+        return False
+
+
+def not_a_run_message(path: str) -> str:
+    """Why `path` (an existing folder, local or on a store) is not a ladle run, and what to run
+    instead."""
+    from ladle.store.foreign_runs import foreign_tool
+
+    tool = foreign_tool(path)
+    if tool is not None:
+        return (
+            f"{path}: a {tool} output folder, not a ladle run; average it with `ladle soup {path}` "
+            f"or look at one checkpoint with `ladle inspect`"
+        )
+    return (
+        f"{path}: not a ladle run (no ladle.json and no checkpoint folder with a meta.json); "
+        "pass the folder a CheckpointManager writes to"
+    )
+
+
+def open_run_to_read(path: str | os.PathLike[str]) -> Run:
+    """The run at `path`, to read. An existing folder that holds no run (another tool's folder,
+    a folder of loose files) is refused with one line saying what it is: opened as a run, it
+    would read as a run with no checkpoints."""
+    storage, where = storage_for(path)
+    if storage.isdir(where) and not has_run_files(where):
+        raise NotARunDirectory(not_a_run_message(where))
+    return Run(path)
 
 
 def find_checkpoint(text: str | os.PathLike[str]) -> CheckpointInfo | None:

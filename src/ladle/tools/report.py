@@ -33,6 +33,7 @@ from typing import Any
 from ladle.errors import ConfigError, MissingDependency
 from ladle.metrics import is_finite_number
 from ladle.store.checkpoint import CheckpointInfo
+from ladle.store.refs import open_run_to_read
 from ladle.store.run import Run
 from ladle.tools.report_data import (
     Marked,
@@ -126,7 +127,7 @@ def plot_run(
     "epoch" (epochs completed) or "time" (wall time since the first record).
     """
     text = _output_path(output)
-    the_run = run if isinstance(run, Run) else Run(run)
+    the_run = run if isinstance(run, Run) else open_run_to_read(run)
     history = load_history(the_run)
     all_series = series_of(history)
     if not all_series:
