@@ -363,6 +363,15 @@ def test_report_draws_a_run_on_a_url(trained: str, tmp_path: Path) -> None:
     assert out.stat().st_size > 0
 
 
+def test_a_sharded_run_on_a_store_is_refused_before_anything_is_written(store: str) -> None:
+    # DCP writes every rank's files into a folder that is committed by renaming it: stores have
+    # no rename. It used to fail at the first save ("... has no attribute 'tmp_path'").
+    with pytest.raises(ladle.ConfigError, match="object store") as raised:
+        ladle.CheckpointManager(f"{store}/runs/sharded", model=torch.nn.Linear(2, 2), sharded=True)
+    assert str(raised.value).startswith(f"{store}/runs/sharded: ")
+    assert listing(store) == []
+
+
 # -- other tools' output folders where they live --------------------------------------------
 
 

@@ -60,6 +60,7 @@ from ladle.store.checkpoint import CheckpointInfo
 from ladle.store.history import HistoryLog
 from ladle.store.layout import checkpoint_name
 from ladle.store.run import Run
+from ladle.store.storage import storage_for
 from ladle.validation import check_int, check_name
 
 log = logging.getLogger("ladle")
@@ -167,6 +168,17 @@ class CheckpointManager:
         self._closed = False
         self._signals = SignalCatcher()
         self._exit_after_signal_save = exit_after_signal_save
+        # Models holding DTensors (FSDP2, tensor parallel) are saved by every rank through DCP.
+        detected = any(holds_sharded_tensors(m) for m in self._models().values())
+        self.sharded = detected if sharded is None else bool(sharded)
+        if self.sharded and not storage_for(run_dir, storage_options)[0].atomic_rename:
+            # Every rank writes its DCP files into a folder that rank 0 commits by renaming it;
+            # a store has no rename, and DCP's own writers do not write a store's commit marker.
+            raise ConfigError(
+                f"{run_dir}: sharded checkpoints (DTensor / FSDP2 models, sharded=True) are saved on a "
+                "local or shared file system only, not on an object store; give the run a path on a "
+                "file system every rank can write"
+            )
         # In a torch.distributed job every rank builds a manager and resumes; only rank 0
         # writes (the model is replicated under DDP), so the others take no lock.
         self.is_writer = _rank() == 0
@@ -186,9 +198,6 @@ class CheckpointManager:
             history=self._history,
             clock=clock,
         )
-        # Models holding DTensors (FSDP2, tensor parallel) are saved by every rank through DCP.
-        detected = any(holds_sharded_tensors(m) for m in self._models().values())
-        self.sharded = detected if sharded is None else bool(sharded)
         # Asynchronous saves stage the state in host memory and commit on a background thread.
         self.async_save = bool(async_save)
         self._stager = HostStager()  # its buffers are reused from one background save to the next
