@@ -466,6 +466,19 @@ def test_a_timm_output_folder_is_souped_with_its_summary_metrics_where_it_lives(
     assert load_file(tmp_path / "soup.safetensors")["w"].tolist() == [2.5, 2.5]
 
 
+def test_inspecting_a_timm_output_folder_names_its_newest_checkpoint(
+    where: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for epoch in (1, 2):
+        buffer = io.BytesIO()
+        torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": epoch}, buffer)
+        put(f"{where}/timm-out/checkpoint-{epoch}.pth.tar", buffer.getvalue())
+    assert cli(["inspect", f"{where}/timm-out"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "a timm output folder" in err and "/timm-out/checkpoint-2.pth.tar (`ladle ls" in err
+
+
 def test_a_lightning_folder_on_a_store_is_refused_with_one_line(
     store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

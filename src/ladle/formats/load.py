@@ -144,7 +144,27 @@ def _open_dir(path: str, key: str | None, trust: bool) -> TensorSource:
             source.path = path
             source.metadata.update(_trainer_state(path))
             return source
-    raise FormatError(
+    raise FormatError(_no_weights_message(path))
+
+
+def _no_weights_message(path: str) -> str:
+    """Why a folder has no weights to read: another tool's output folder names its newest
+    checkpoint (it holds several, none of them at the top)."""
+    from ladle.errors import LadleError
+    from ladle.store.foreign_runs import DCP, ForeignRun, foreign_tool
+
+    tool = foreign_tool(path)
+    if tool is not None and tool != DCP:
+        try:
+            latest = ForeignRun(path, tool).latest()
+        except LadleError:
+            latest = None
+        if latest is not None:
+            return (
+                f"{path}: a {tool} output folder, which holds several checkpoints; name one, "
+                f"e.g. the newest: {latest.path} (`ladle ls {path}` lists them)"
+            )
+    return (
         f"{path}: a folder without model weights (looked for meta.json, a DCP .metadata, "
         f"{', '.join(HF_WEIGHT_FILES)}); pass the weight file itself"
     )
