@@ -18,7 +18,7 @@ from torch import nn
 from ladle import EMA, CheckpointManager, CheckpointNotFound, Run
 from ladle.errors import ConfigError, FormatError, NotARunDirectory
 from ladle.state.contents import StateKind, classify
-from ladle.state.pickle_scan import Opaque, TensorStub, scan_pickle
+from ladle.state.pickle_scan import Opaque, TensorStub, TorchArchive, scan_pickle
 from ladle.store.verification import verify_path
 from ladle.tools.diff import diff_checkpoints
 from ladle.tools.inspection import inspect_checkpoint
@@ -399,3 +399,35 @@ def test_verify_a_run_behind_an_fsspec_url() -> None:
     fs.pipe("/ladle-verify-test/run/step-000000001/model.safetensors", b"garbage")
     result = verify_path("memory://ladle-verify-test/run")
     assert not result.ok and "model.safetensors: size 7 bytes" in result.problems[0]
+
+
+def test_a_torch_archive_reads_one_element_tensors_and_nothing_of_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ladle.store.ranged import LocalRangedFile
+
+    scores = {
+        "f32": torch.tensor(0.375),
+        "f64": torch.tensor(0.1, dtype=torch.float64),
+        "f16": torch.tensor(1.5, dtype=torch.float16),
+        "bf16": torch.tensor(-2.5, dtype=torch.bfloat16),
+        "i64": torch.tensor(7),
+        "view": torch.arange(10.0)[3],  # one element at an offset inside a larger storage
+    }
+    path = tmp_path / "c.ckpt"
+    torch.save({"weights": torch.zeros(1 << 20), "scores": scores}, path)
+    read: list[int] = []
+    original = LocalRangedFile.read_range
+
+    def counted(self: LocalRangedFile, offset: int, count: int) -> bytes:
+        data = original(self, offset, count)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(LocalRangedFile, "read_range", counted)
+    with TorchArchive(str(path)) as archive:
+        found = archive.scan().obj
+        values = {name: archive.scalar(stub) for name, stub in found["scores"].items()}
+        assert archive.scalar(found["weights"]) is None  # not one element: never read
+    assert values == {name: float(t) for name, t in scores.items()}
+    assert sum(read) < path.stat().st_size // 8  # the 4 MiB of weights were not read

@@ -33,6 +33,7 @@ import ladle
 from ladle.averaging.provenance import PROVENANCE_FORMAT
 from ladle.cli.main import main as cli
 from ladle.formats.write import atomic_path, output_location
+from ladle.store.foreign_runs import ForeignRun
 from ladle.store.fsspec_storage import FsspecStorage
 from ladle.store.history import read_history
 from ladle.store.lock import LEASE_PREFIX
@@ -479,16 +480,68 @@ def test_inspecting_a_timm_output_folder_names_its_newest_checkpoint(
     assert "a timm output folder" in err and "/timm-out/checkpoint-2.pth.tar (`ladle ls" in err
 
 
-def test_a_lightning_folder_on_a_store_is_refused_with_one_line(
+MONITOR_KEY = "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0}"
+
+
+def lightning_ckpt(step: int, score: float, size: int = 4) -> bytes:
+    """A Lightning `.ckpt` as ModelCheckpoint saves it: weights all `step`, the monitored score."""
+    buffer = io.BytesIO()
+    callback = {"monitor": "val_loss", "current_score": torch.tensor(score), "dirpath": "elsewhere"}
+    state = {"state_dict": {"w": torch.full((size,), float(step))}, "global_step": step, "epoch": step // 10}
+    torch.save({**state, "callbacks": {MONITOR_KEY: callback}}, buffer)
+    return buffer.getvalue()
+
+
+def test_a_lightning_folder_is_listed_and_souped_where_it_lives(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = f"{where}/lightning"
+    for step, score in ((10, 0.5), (20, 0.25), (30, 0.375)):
+        put(f"{root}/checkpoints/epoch={step // 10 - 1}-step={step}.ckpt", lightning_ckpt(step, score))
+    put(f"{root}/checkpoints/last.ckpt", lightning_ckpt(30, 0.375))  # a copy of the newest
+    put(f"{root}/hparams.yaml", b"lr: 0.1\n")
+    assert cli(["ls", root, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["tool"] == "lightning" and listed["monitor"] == {"metric": "val_loss", "mode": "min"}
+    assert [(c["step"], c["metrics"]["val_loss"]) for c in listed["checkpoints"]] == [
+        (10, 0.5),
+        (20, 0.25),
+        (30, 0.375),
+    ]
+    result = ladle.soup(root, "top:2", output=str(tmp_path / "soup.safetensors"))  # the monitor's own mode
+    assert [m.step for m in result.members] == [20, 30]
+    assert load_file(tmp_path / "soup.safetensors")["w"].tolist() == [25.0] * 4
+
+
+def test_listing_a_lightning_folder_on_a_store_reads_a_small_part_of_each_file(
+    store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ladle.store import ranged
+
+    fetched: list[int] = []
+    fetch = ranged.FsspecRangedFile._fetch_range
+
+    def counted(self: ranged.FsspecRangedFile, start: int, end: int) -> bytes:
+        fetched.append(end - start)
+        return fetch(self, start, end)
+
+    monkeypatch.setattr(ranged.FsspecRangedFile, "_fetch_range", counted)
+    size = 1 << 20  # 4 MiB of weights per checkpoint
+    for step, score in ((10, 0.5), (20, 0.25)):
+        put(f"{store}/big/epoch={step // 10 - 1}-step={step}.ckpt", lightning_ckpt(step, score, size))
+    run = ForeignRun(f"{store}/big")
+    assert [(c.step, c.metrics["val_loss"]) for c in run.checkpoints()] == [(10, 0.5), (20, 0.25)]
+    assert sum(fetched) < 2 * 256 * 1024  # of 8 MiB
+
+
+def test_a_dcp_folder_on_a_store_is_refused_with_one_line(
     store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    buffer = io.BytesIO()
-    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 5, "epoch": 0}, buffer)
-    put(f"{store}/lightning/epoch=0-step=5.ckpt", buffer.getvalue())
-    assert cli(["ls", f"{store}/lightning"]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1
-    assert "lightning output folder on a store" in err and "local disk" in err
+    put(f"{store}/dcp/step-100/.metadata", b"DCP metadata")
+    put(f"{store}/dcp/step-100/__0_0.distcp", b"shard")
+    assert cli(["ls", f"{store}/dcp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a dcp output folder on a store" in err and "local disk" in err
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ import torch
 from ladle.errors import FormatError, first_line
 from ladle.formats.dcp_metadata import METADATA_NAME, read_metadata, shard_files
 from ladle.formats.source import TensorInfo, TensorSource
+from ladle.store.ranged import LocalRangedFile, RangedIO
 
 # The top-level entry names that hold model weights, in the order they are preferred,
 # and those that hold training state (never model weights), as DCP writers name them:
@@ -255,21 +256,24 @@ def _read_piece_into(path: str, item: Any, region: torch.Tensor) -> None:
     one plain C-ordered tensor of that shape and dtype (the usual case), else through
     `torch.load` and a copy (three copies of the bytes instead of one)."""
     file = os.path.join(path, item.relative_path)
-    with open(file, "rb") as handle:
-        piece = _FileSlice(handle, int(item.offset), int(item.length))
+    ranged = LocalRangedFile(file)
+    try:
+        piece = io.BufferedReader(RangedIO(ranged, int(item.offset), int(item.length)))
         layout = torch.load(piece, map_location="meta", weights_only=True)  # callers name the failure
         start = _raw_start(layout, int(item.offset), int(item.length))
         if start is None or layout.shape != region.shape or layout.dtype != region.dtype:
-            region.copy_(_read_piece(handle, file, item))
+            region.copy_(_read_piece(ranged, file, item))
             return
         target = region if region.is_contiguous() else torch.empty(region.shape, dtype=region.dtype)
         if target.numel():
-            handle.seek(start)
-            view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
-            if handle.readinto(view) != len(view):
-                raise FormatError(f"{file}: truncated (a piece ends past the file)")
+            try:
+                ranged.read_into(memoryview(target.reshape(-1).view(torch.uint8).numpy()), start)
+            except EOFError:
+                raise FormatError(f"{file}: truncated (a piece ends past the file)") from None
         if target is not region:
             region.copy_(target)
+    finally:
+        ranged.close()
 
 
 def _raw_start(layout: Any, offset: int, length: int) -> int | None:
@@ -291,41 +295,9 @@ def _raw_start(layout: Any, offset: int, length: int) -> int | None:
     return start
 
 
-class _FileSlice(io.RawIOBase):
-    """Bytes [start, start + length) of an open file as a seekable file of their own (one piece)."""
-
-    def __init__(self, handle: Any, start: int, length: int) -> None:
-        super().__init__()
-        self._handle, self._start, self._length, self._pos = handle, start, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        count = max(0, min(len(buffer), self._length - self._pos))
-        if count == 0:
-            return 0
-        self._handle.seek(self._start + self._pos)
-        got = self._handle.readinto(memoryview(buffer).cast("B")[:count]) or 0
-        self._pos += got
-        return got
-
-
-def _read_piece(handle: Any, file: str, item: Any) -> torch.Tensor:
+def _read_piece(ranged: LocalRangedFile, file: str, item: Any) -> torch.Tensor:
     """One piece through `torch.load` (of a copy of its bytes)."""
-    handle.seek(int(item.offset))
-    data = handle.read(int(item.length))
+    data = ranged.read(int(item.offset), int(item.length))
     if len(data) != int(item.length):
         raise FormatError(f"{file}: truncated (a piece ends past the file)")
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

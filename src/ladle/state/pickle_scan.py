@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -34,6 +35,11 @@ class TensorStub:
 
     shape: tuple[int, ...]
     dtype: str | None
+    # Where its data lies (for `TorchArchive.scalar`), not what the tensor is: not compared.
+    storage_key: str | None = field(default=None, compare=False)
+    """The archive record (`data/<key>`) holding its storage, in a torch zip file."""
+    offset: int = field(default=0, compare=False)
+    """Where it starts in its storage, in elements."""
 
     @property
     def numel(self) -> int:
@@ -50,6 +56,7 @@ class TensorStub:
 @dataclass(kw_only=True, frozen=True)
 class _StorageStub:
     dtype: str | None
+    key: str | None = None
 
 
 class Opaque:
@@ -120,8 +127,9 @@ def is_storage_global(name: str) -> bool:
 
 
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, *rest: Any) -> TensorStub:
-    dtype = storage.dtype if isinstance(storage, _StorageStub) else None
-    return TensorStub(shape=tuple(int(s) for s in size), dtype=dtype)
+    stub = storage if isinstance(storage, _StorageStub) else _StorageStub(dtype=None)
+    start = offset if isinstance(offset, int) and not isinstance(offset, bool) else 0
+    return TensorStub(shape=tuple(int(s) for s in size), dtype=stub.dtype, storage_key=stub.key, offset=start)
 
 
 def _rebuild_parameter(data: Any, *rest: Any) -> Any:
@@ -165,7 +173,7 @@ class _ScanUnpickler(pickle.Unpickler):
             dtype = _storage_dtype(pid[1])
             if len(pid) >= 5 and isinstance(pid[4], int):
                 self.storages.append((str(pid[2]), dtype, pid[4]))
-            return _StorageStub(dtype=dtype)
+            return _StorageStub(dtype=dtype, key=str(pid[2]) if len(pid) >= 3 else None)
         return Opaque()
 
 
@@ -184,12 +192,8 @@ def scan_pickle(path: str) -> PickleScan:
     """Replay the pickle in `path` (torch zip, legacy torch or plain) without running code."""
     try:
         if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
-                if not names:
-                    raise FormatError(f"{path}: a zip file without data.pkl; not a torch checkpoint")
-                data = archive.read(min(names, key=len))
-            return _scan(io.BytesIO(data))
+            with TorchArchive(path) as archive:
+                return archive.scan()
         with open(path, "rb") as handle:
             first = _scan(handle)
             if first.obj == _LEGACY_MAGIC:
@@ -212,6 +216,74 @@ def scan_pickle(path: str) -> PickleScan:
         raise FormatError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
     except OSError as exc:
         raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+class TorchArchive:
+    """A torch zip file (what `torch.save` writes), local or on a store, read record by record:
+    its pickle replayed without running code (`scan`), and small tensors read from their
+    storage records (`scalar`) without reading the others. On a store every read is a ranged
+    request, so the weights are never downloaded."""
+
+    def __init__(self, path: str) -> None:
+        from ladle.store.paths import open_ranged
+        from ladle.store.ranged import RangedIO
+
+        self.path = path
+        self._ranged = open_ranged(path)
+        try:
+            self._zip = zipfile.ZipFile(io.BufferedReader(RangedIO(self._ranged), buffer_size=64 << 10))
+            names = [n for n in self._zip.namelist() if n.endswith("data.pkl")]
+            if not names:
+                raise FormatError(f"{path}: a zip file without data.pkl; not a torch checkpoint")
+        except BaseException:
+            self._ranged.close()
+            raise
+        pickled = min(names, key=len)
+        self._pickle = pickled
+        self._prefix = pickled[: -len("data.pkl")]
+
+    def __enter__(self) -> TorchArchive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._zip.close()
+        self._ranged.close()
+
+    def scan(self) -> PickleScan:
+        """The pickle's structure, tensors as `TensorStub`s (nothing runs, no tensor is read)."""
+        return _scan(io.BytesIO(self._zip.read(self._pickle)))
+
+    def scalar(self, stub: TensorStub) -> float | None:
+        """The value of a one-element float or integer tensor, read from its storage record;
+        None for any other tensor, or when the record is missing or short."""
+        form = _SCALAR_FORMATS.get(stub.dtype or "")
+        if stub.numel != 1 or stub.storage_key is None or form is None:
+            return None
+        size = itemsize(stub.dtype) if stub.dtype is not None else 0
+        try:
+            with self._zip.open(f"{self._prefix}data/{stub.storage_key}") as record:
+                record.seek(stub.offset * size)
+                raw = record.read(size)
+        except (KeyError, OSError, zipfile.BadZipFile):
+            return None
+        if len(raw) != size:
+            return None
+        if stub.dtype == "bfloat16":  # the upper half of a float32
+            return float(struct.unpack("<f", b"\0\0" + raw)[0])
+        return float(struct.unpack(form, raw)[0])
+
+
+_SCALAR_FORMATS = {
+    "float64": "<d",
+    "float32": "<f",
+    "float16": "<e",
+    "bfloat16": "<f",
+    "int64": "<q",
+    "int32": "<i",
+}
 
 
 def _scan(handle: IO[bytes]) -> PickleScan:

@@ -39,7 +39,7 @@ log = logging.getLogger("ladle")
 TRANSFORMERS = "transformers"
 DCP = "dcp"
 DCP_METADATA = ".metadata"
-ON_STORES = frozenset({TRANSFORMERS, TIMM})
+ON_STORES = frozenset({TRANSFORMERS, TIMM, LIGHTNING})
 """The tools whose output folders are read in place on a store (s3://, gs://, ...)."""
 
 
@@ -130,8 +130,7 @@ class ForeignRun:
                 "(no checkpoint-<step>/, *.ckpt or checkpoint-<epoch>.pth.tar); pass a ladle run"
             )
         if is_url(self.path) and found not in ON_STORES:
-            # Lightning's steps and scores are inside each .ckpt (listing would download every
-            # checkpoint whole); DCP folders are read with torch's local file reader.
+            # DCP folders are read with torch's local file reader.
             raise FormatError(
                 f"{self.path}: a {found} output folder on a store; ladle reads {found} folders on a "
                 "local disk only: copy it to one (e.g. `aws s3 sync`) and pass the copy"

@@ -4,7 +4,8 @@ The files sit in the folder given or under its `checkpoints/` (a `lightning_logs
 folder). The step and epoch are in each file (`global_step`, `epoch`), the monitored
 score in the callback's own saved state (`current_score`), and `key=value` parts of file
 names (`epoch=3-val_loss=0.41.ckpt`) are metrics too; `last.ckpt` is dropped when another
-file holds the same step. Files load weights-only, without Lightning;
+file holds the same step. Files load weights-only, without Lightning; on a store only
+their pickle and scores are read, by ranged requests (`_scan_remote`), never the weights.
 `ladle.store.foreign_runs` presents the folder as a run.
 """
 
@@ -19,7 +20,8 @@ from typing import Any
 
 from ladle.metrics import is_finite_number
 from ladle.store.checkpoint import CheckpointInfo, size_records
-from ladle.store.paths import locate
+from ladle.store.paths import locate, path_mtime
+from ladle.store.storage import is_url
 
 log = logging.getLogger("ladle")
 
@@ -89,11 +91,12 @@ class _LightningFile:
 
 
 def _read_lightning(path: str) -> _LightningFile | None:
-    """Step, epoch, monitored scores of one `.ckpt` (loaded weights-only; tensors stay in the file)."""
+    """Step, epoch, monitored scores of one `.ckpt` (loaded weights-only; tensors stay in the file;
+    on a store, see `_scan_remote`)."""
     from ladle.formats.safe_globals import weights_only_load
 
     try:
-        obj = weights_only_load(path, mmap=True)
+        obj = _scan_remote(path) if is_url(path) else weights_only_load(path, mmap=True)
     except Exception as exc:  # an unreadable file is reported by verify; listing goes on
         log.warning("%s: not readable weights-only (%s); skipped", path, str(exc).splitlines()[0][:120])
         return None
@@ -121,12 +124,28 @@ def _read_lightning(path: str) -> _LightningFile | None:
     )
 
 
+def _scan_remote(path: str) -> Any:
+    """A `.ckpt` on a store, read as far as listing needs, never whole: its pickle replayed
+    without running code (tensors stay stand-ins) over ranged reads, and the callbacks' scores
+    (one-element tensors) read from their few bytes."""
+    from ladle.state.pickle_scan import TensorStub, TorchArchive
+
+    with TorchArchive(path) as archive:
+        obj = archive.scan().obj
+        for state in (obj.get("callbacks") or {}).values() if isinstance(obj, dict) else ():
+            if isinstance(state, dict) and isinstance(state.get("current_score"), TensorStub):
+                state["current_score"] = archive.scalar(state["current_score"])
+    return obj
+
+
 def lightning_checkpoints(path: str) -> tuple[list[CheckpointInfo], dict[str, str] | None]:
     """Lightning `.ckpt` files, oldest first, and the first `ModelCheckpoint`'s monitor."""
     folder = lightning_folder(path)
     if folder is None:
         return [], None
-    files = [_read_lightning(os.path.join(folder, n)) for n in sorted(os.listdir(folder))]
+    storage, where = locate(folder)
+    names = [n for n in storage.listdir(where) if n.endswith(_LIGHTNING_SUFFIX)]
+    files = [_read_lightning(storage.join(where, n)) for n in sorted(names)]
     read = [f for f in files if f is not None]
     steps = {f.step for f in read if not _LIGHTNING_LAST_RE.match(os.path.basename(f.path))}
     monitor = next((f.monitor for f in read if f.monitor), None)
@@ -141,7 +160,7 @@ def lightning_checkpoints(path: str) -> tuple[list[CheckpointInfo], dict[str, st
                 path=f.path,
                 step=max(f.step, 0),
                 epoch=f.epoch,
-                time=os.path.getmtime(f.path),
+                time=path_mtime(f.path),
                 metrics=f.metrics,
                 files=size_records([f.path]),
                 kind="train",

@@ -59,6 +59,12 @@ def path_size(path: str | os.PathLike[str]) -> int:
     return storage.size(where)
 
 
+def path_mtime(path: str | os.PathLike[str]) -> float:
+    """When the file at a path or URL was last written (0.0 when a store does not say)."""
+    storage, where = locate(path)
+    return storage.mtime(where)
+
+
 def path_file_sizes(path: str | os.PathLike[str]) -> dict[str, int]:
     """Every file under a folder (path or URL), relative to it, with its size."""
     storage, where = locate(path)

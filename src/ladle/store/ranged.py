@@ -10,11 +10,12 @@ without a request.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ladle.store.fsspec_storage import FsspecStorage
@@ -43,7 +44,44 @@ class RangedFile(Protocol):
         """`count` bytes from `offset`, fewer only where the file ends."""
         ...
 
+    def read_range(self, offset: int, count: int) -> bytes:
+        """Exactly these bytes (fewer only where the file ends), one request on a store, past
+        any read-ahead: for scattered small reads (the records of a zip file)."""
+        ...
+
     def close(self) -> None: ...
+
+
+class RangedIO(io.RawIOBase):
+    """Bytes [start, start + length) of a `RangedFile` as a seekable, read-only file of their own
+    (what `zipfile` and `torch.load` take): each read is one `read_range` (one request on a store)."""
+
+    def __init__(self, ranged: RangedFile, start: int = 0, length: int | None = None) -> None:
+        super().__init__()
+        self._ranged, self._start, self._pos = ranged, start, 0
+        self._length = ranged.size - start if length is None else length
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        count = max(0, min(len(view), self._length - self._pos))
+        data = self._ranged.read_range(self._start + self._pos, count) if count else b""
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
 
 
 class LocalRangedFile:
@@ -70,6 +108,9 @@ class LocalRangedFile:
         """The open file descriptor (to map the file)."""
         return self._fd
 
+    def read_range(self, offset: int, count: int) -> bytes:
+        return self.read(offset, count)
+
     def read(self, offset: int, count: int) -> bytes:
         """`count` bytes from `offset` (fewer only at the end of the file)."""
         parts, done = [], 0
@@ -90,12 +131,14 @@ class LocalRangedFile:
 class FsspecRangedFile:
     """A file on an fsspec store read with ranged requests, in blocks of READ_AHEAD bytes.
 
-    Small reads (`read`, a header) are one ranged request each. Data reads
-    (`read_into`) go through blocks that start where the reader said it will read
-    (`will_read`, e.g. after a safetensors header): reading in file order fetches
-    each byte once, the next block in the background while the current one is
-    used, so the network overlaps the averaging and several files download at
-    once. At most the blocks of the current read and the next one are held.
+    The first bytes (a header) are one request, kept (`read` from offset 0); scattered
+    small reads (`read_range`, the records of a zip file) are one request each. Data
+    reads (`read_into`, and `read` past the first bytes) go through blocks that start
+    where the reader said it will read (`will_read`, e.g. after a safetensors header):
+    reading in file order fetches each byte once, the next block in the background
+    while the current one is used, so the network overlaps the averaging and several
+    files download at once. At most the blocks of the current read and the next one
+    are held.
     `fetched` counts the bytes requested from the store.
     """
 
@@ -197,6 +240,14 @@ class FsspecRangedFile:
         buf = bytearray(count)
         self.read_into(memoryview(buf), offset)
         return bytes(buf)
+
+    def read_range(self, offset: int, count: int) -> bytes:
+        count = max(0, min(count, self.size - offset))
+        if not count:
+            return b""
+        if offset + count <= len(self._head):
+            return self._head[offset : offset + count]
+        return self._fetch_range(offset, offset + count)
 
     def close(self) -> None:
         with self._lock:
