@@ -199,9 +199,8 @@ def _open_ladle_checkpoint(path: str, key: str | None) -> TensorSource:
     meta_path = os.path.join(path, "meta.json")
     try:
         raw = read_path(meta_path)
-        records = load_meta(raw, path).files  # the marker's own checksum and plain file names
+        files = load_meta(raw, path).files  # the marker's own checksum and plain file names
         meta = json.loads(raw)
-        files = dict(meta.get("files") or {})
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
         raise CorruptCheckpoint(
             f"{meta_path}: unreadable meta.json ({first_line(exc, 160)}); run `ladle verify`"
@@ -213,7 +212,7 @@ def _open_ladle_checkpoint(path: str, key: str | None) -> TensorSource:
         from ladle.formats.dcp import DcpSource
 
         source: TensorSource = DcpSource(path, key=name)
-        return _ladle_source(source, path, meta, records)
+        return _ladle_source(source, path, meta, files)
     filename = ladle_weights_file(files, key)
     weights = os.path.join(path, filename) if filename else ""
     if filename is None or not path_isfile(weights):
@@ -233,7 +232,7 @@ def _open_ladle_checkpoint(path: str, key: str | None) -> TensorSource:
     except BaseException:
         source.close()
         raise
-    return _ladle_source(source, path, meta, records)
+    return _ladle_source(source, path, meta, files)
 
 
 def _ladle_source(
@@ -278,13 +277,13 @@ def ladle_weights_file(files: Mapping[str, Any], key: str | None) -> str | None:
     return None
 
 
-def _check_size(file: str, record: Any) -> None:
-    if not isinstance(record, dict) or record.get("size") is None:
+def _check_size(file: str, record: FileRecord | None) -> None:
+    if record is None:
         return
     size = path_size(file)
-    if size != int(record["size"]):
+    if size != record.size:
         raise CorruptCheckpoint(
-            f"{file}: {size} bytes but meta.json recorded {record['size']}; the file was "
+            f"{file}: {size} bytes but meta.json recorded {record.size}; the file was "
             "truncated or replaced (run `ladle verify`)"
         )
 

@@ -208,8 +208,8 @@ def read_checkpoint(
     # readers build tensors as views of the same pages, so each byte is read from the page
     # cache once (by the hash) until the live objects copy what they need.
     hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ladle-verify")
-    recorded = {f: r.checksum() for f, r in info.files.items()} if verify else {}
-    checked = {f: c for f, c in recorded.items() if c is not None}  # another tool's files: none
+    # Another tool's files recorded no checksum: nothing to verify them against.
+    checked = {f: c for f, r in info.files.items() if verify and (c := r.checksum()) is not None}
     largest_first = sorted(checked, key=lambda f: -info.files[f].size)
     digests = {
         f: hashing.submit(checksum_mapped, storage, info.file(f), checked[f].algorithm) for f in largest_first

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -75,21 +76,26 @@ class FileChecksums:
         return {name: digest.hexdigest() for name, digest in self._digests.items()}
 
 
+def _chunks(storage: Storage, path: str) -> Iterator[bytes]:
+    """A file's bytes in large chunks, in order."""
+    with storage.open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            yield chunk
+
+
 def file_checksums(storage: Storage, path: str) -> dict[str, str]:
     """Every checksum a commit records for one file ({algorithm: hex}), in one read."""
     checksums = FileChecksums()
-    with storage.open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            checksums.update(chunk)
+    for chunk in _chunks(storage, path):
+        checksums.update(chunk)
     return checksums.result()
 
 
 def checksum_file(storage: Storage, path: str, algorithm: str) -> str:
     """Hex checksum of a file, read in large chunks."""
     digest = new_digest(algorithm)
-    with storage.open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
+    for chunk in _chunks(storage, path):
+        digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -21,6 +21,7 @@ from ladle.store.checkpoint import CheckpointInfo, load_meta
 from ladle.store.checks import vanished, verify_checkpoint
 from ladle.store.layout import INDEX_NAME, META_NAME
 from ladle.store.paths import locate
+from ladle.store.refs import is_run_dir
 from ladle.store.run import Run
 from ladle.store.storage import storage_for
 
@@ -291,11 +292,10 @@ def _foreign_run(path: str | os.PathLike[str]) -> Any:
     storage, text = locate(path)
     try:
         if not storage.isdir(text) or storage.isfile(storage.join(text, META_NAME)):
+            return None  # not a folder, or one checkpoint
+        # A ladle run is never foreign (a Trainer folder recorded in place by LadleCallback is one).
+        if is_run_dir(text) or foreign_tool(text) is None:
             return None
-        if storage.isfile(storage.join(text, INDEX_NAME)) or foreign_tool(text) is None:
-            return None
-        if any(storage.isfile(storage.join(text, n, META_NAME)) for n in storage.listdir(text)):
-            return None  # a ladle run (a Trainer folder recorded in place by LadleCallback)
     except OSError:
         return None
     return ForeignRun(text)
